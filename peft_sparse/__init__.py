@@ -1,0 +1,8 @@
+"""peft_sparse: HuggingFace-native N:M sparsity."""
+
+from .config import SparsityConfig
+from .sparsity import SparsityPattern
+
+__version__ = "0.1.0"
+
+__all__ = ["SparsityConfig", "SparsityPattern", "__version__"]
