@@ -6,3 +6,7 @@ from .sparsity import SparsityPattern
 __version__ = "0.1.0"
 
 __all__ = ["SparsityConfig", "SparsityPattern", "__version__"]
+
+from .training import SparseTrainer, SparseTrainingArguments, plot_flip_rates  # noqa: E402
+
+__all__ += ["SparseTrainer", "SparseTrainingArguments", "plot_flip_rates"]

@@ -1,0 +1,100 @@
+"""Training arguments of the Adaptive Sparse Trainer (AST, Huang et al., AAAI'25)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..sparsity import SparsityPattern
+
+MASK_METRICS = ("magnitude",)
+MASK_INITS = ("magnitude", "pruned")
+PRUNED_VALUES = ("zero", "teacher")
+SRSTE_PLACEMENTS = ("decoupled", "gradient")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}.")
+
+
+@dataclass
+class SparseTrainingArguments(TrainingArguments):
+    """:class:`~transformers.TrainingArguments` plus the knobs of sparse retraining (paper sections 3.2, 4.2-4.4).
+
+    Args:
+        sparsity_pattern: ``"N:M"`` (N kept of every M inputs) or an unstructured ratio; default ``"2:4"``.
+        mask_metric: score the dynamic mask is recomputed from; ``"magnitude"`` (the paper finds activation-aware
+            metrics go stale as weights move).
+        mask_update_interval: recompute masks from the live dense weights every this many optimizer steps.
+        srste_decay: final SR-STE decay lambda on the pruned weights (paper: 6e-5 .. 3e-4).
+        srste_ramp_steps: annealing SR-STE: lambda grows linearly from 0 to ``srste_decay`` over this many steps,
+            then holds. ``0`` gives the static SR-STE ablation; ``None`` ramps over the first quarter of training.
+        srste_placement: where the decay enters Adam. ``"decoupled"`` (default, paper section 3.2): the decay is
+            kept out of the first moment and added to the update numerator, with the second moment built from
+            gradient + decay (:class:`SparseAdamW`). ``"gradient"``: classic SR-STE, added to the gradient in the
+            backward pass, so it passes through both moments and gradient clipping (works with any optimizer and
+            with FSDP).
+        distill_alpha / distill_temperature: loss = CE + alpha * T^2 * KL(teacher || student) at temperature T.
+            Only used when a teacher is given to :class:`SparseTrainer`.
+        frozen_mask: Wanda-style baseline: the step-0 mask is fixed, pruned weights are zeroed and only kept weights
+            train (no mask updates, no decay).
+        mask_init: ``"magnitude"`` (paper) or ``"pruned"``: keep the mask of a model already pruned with
+            :func:`peft_sparse.prune` (e.g. SparseGPT), which helps when the token budget is small.
+        pruned_values: with ``mask_init="pruned"``, the dense values the pruned weights restart from: ``"zero"`` or
+            ``"teacher"`` (copied from the dense teacher so pruned knowledge can come back when masks flip).
+        sparse_ignore: regular expressions of Linear module names to leave dense (the output embedding always is).
+        finalize_at_end: hard-prune the weights to the final mask at the end of :meth:`SparseTrainer.train`, so
+            ``save_model`` writes an exactly N:M model that loads in plain transformers.
+    """
+
+    sparsity_pattern: str = field(default="2:4", metadata={"help": "'N:M' = keep N of every M input weights."})
+    mask_metric: str = field(default="magnitude", metadata={"help": f"Dynamic mask score, one of {MASK_METRICS}."})
+    mask_update_interval: int = field(default=10, metadata={"help": "Optimizer steps between mask updates."})
+    srste_decay: float = field(default=1e-4, metadata={"help": "Final SR-STE decay on pruned weights."})
+    srste_ramp_steps: int | None = field(
+        default=None, metadata={"help": "Annealing ramp length; 0 = constant; None = a quarter of training."}
+    )
+    srste_placement: str = field(default="decoupled", metadata={"help": f"One of {SRSTE_PLACEMENTS}."})
+    distill_alpha: float = field(default=2.0, metadata={"help": "Weight of the KL distillation term."})
+    distill_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})
+    frozen_mask: bool = field(default=False, metadata={"help": "Fix the step-0 mask and train kept weights only."})
+    mask_init: str = field(default="magnitude", metadata={"help": f"Initial mask, one of {MASK_INITS}."})
+    pruned_values: str = field(default="zero", metadata={"help": f"Restart values of pruned weights {PRUNED_VALUES}."})
+    sparse_ignore: list[str] = field(default_factory=list, metadata={"help": "Module-name regexes left dense."})
+    finalize_at_end: bool = field(default=True, metadata={"help": "Hard-prune to the final mask after train()."})
+
+    def __post_init__(self) -> None:
+        self.validate_sparse_arguments()
+        super().__post_init__()
+
+    def validate_sparse_arguments(self) -> None:
+        """Fail on bad sparse settings before the (slow) TrainingArguments setup."""
+        SparsityPattern.parse(self.sparsity_pattern)
+        _check_choice("mask_metric", self.mask_metric, MASK_METRICS)
+        _check_choice("mask_init", self.mask_init, MASK_INITS)
+        _check_choice("pruned_values", self.pruned_values, PRUNED_VALUES)
+        _check_choice("srste_placement", self.srste_placement, SRSTE_PLACEMENTS)
+        if not isinstance(self.mask_update_interval, int) or self.mask_update_interval < 1:
+            raise ValueError(f"mask_update_interval must be a positive integer, got {self.mask_update_interval!r}.")
+        if self.srste_decay < 0:
+            raise ValueError(f"srste_decay must be >= 0, got {self.srste_decay}.")
+        if self.srste_ramp_steps is not None and self.srste_ramp_steps < 0:
+            raise ValueError(f"srste_ramp_steps must be >= 0 (0 = constant) or None, got {self.srste_ramp_steps}.")
+        if self.distill_alpha < 0 or self.distill_temperature <= 0:
+            raise ValueError(
+                f"Need distill_alpha >= 0 and distill_temperature > 0, got {self.distill_alpha} and "
+                f"{self.distill_temperature}."
+            )
+        if self.pruned_values == "teacher" and self.mask_init != "pruned":
+            raise ValueError(
+                "pruned_values='teacher' restores the pruned entries of an already pruned model; "
+                "set mask_init='pruned' as well (with mask_init='magnitude' the dense weights are already there)."
+            )
+        if isinstance(self.sparse_ignore, str):
+            raise TypeError("sparse_ignore is a list of regular expressions, not a single string.")
+
+    @property
+    def pattern(self) -> SparsityPattern:
+        return SparsityPattern.parse(self.sparsity_pattern)

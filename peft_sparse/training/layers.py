@@ -1,0 +1,165 @@
+"""Masked layers for sparse training: the forward uses ``W ⊙ m``, the gradient goes straight through to dense ``W``.
+
+Design (FSDP/DDP safe, plain checkpoints):
+
+* Each target ``nn.Linear`` / GPT-2 ``Conv1D`` gets its class swapped to a thin subclass. Parameters stay the same
+  objects, so optimizers, DDP and FSDP (``use_orig_params``) see ordinary dense parameters; nothing swaps ``.data``.
+* The mask is a non-persistent buffer: ``save_pretrained`` writes plain dense weights under the usual names, and
+  :class:`SparseTrainer` stores masks in its own checkpoint file.
+* Mask recomputation happens *inside* the forward when the trainer flags it, because only there is the full
+  (unsharded) weight guaranteed to be visible. Flip counts for telemetry are measured at the same place.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..sparsity import SparsityPattern, pattern_mask
+
+
+def weight_mask(weight: torch.Tensor, pattern: SparsityPattern, input_dim: int = -1) -> torch.Tensor:
+    """Magnitude keep-mask of ``weight`` with groups along ``input_dim``, returned in ``weight``'s layout."""
+    scores = weight.detach().abs()
+    if input_dim in (-1, weight.dim() - 1):
+        return pattern_mask(scores, pattern)
+    return pattern_mask(scores.transpose(input_dim, -1), pattern).transpose(input_dim, -1)
+
+
+class MaskedWeight(torch.autograd.Function):
+    """``W ⊙ m`` whose backward is the straight-through estimator, optionally plus SR-STE decay.
+
+    ``straight_through=False`` masks the gradient too (frozen-mask retraining: pruned weights never move).
+    ``decay > 0`` adds ``decay * (¬m ⊙ W)`` to the gradient of ``W`` (classic SR-STE placement).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float, straight_through: bool) -> torch.Tensor:
+        ctx.decay, ctx.straight_through = decay, straight_through
+        ctx.save_for_backward(weight, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, mask = ctx.saved_tensors
+        if not ctx.straight_through:
+            grad = grad * mask
+        if ctx.decay:
+            grad = grad + ctx.decay * weight.masked_fill(mask, 0)
+        return grad, None, None, None
+
+
+class SparseWeightMixin:
+    """Shared state and mask logic of :class:`SparseLinear` and :class:`SparseConv1D`.
+
+    Attributes set by :func:`attach_sparse_layers`: ``sparse_mask`` / ``initial_mask`` (bool buffers, ``True`` =
+    kept), ``sparse_pattern``, ``sparse_decay`` (decay added in backward), ``sparse_straight_through``,
+    ``sparse_update_pending`` (recompute the mask at the next forward) and ``sparse_flips`` (last update's counts).
+    """
+
+    input_dim = -1
+    dense_class: type[nn.Module]
+
+    def masked_weight(self) -> torch.Tensor:
+        if self.sparse_update_pending:
+            self.update_mask()
+        return MaskedWeight.apply(self.weight, self.sparse_mask, self.sparse_decay, self.sparse_straight_through)
+
+    @torch.no_grad()
+    def update_mask(self) -> None:
+        """Recompute the mask from the live dense weight and record flips vs the previous and initial mask."""
+        new = weight_mask(self.weight, self.sparse_pattern, self.input_dim)
+        self.sparse_flips = (int((new != self.sparse_mask).sum()), int((new != self.initial_mask).sum()))
+        self.sparse_mask.copy_(new)
+        self.sparse_update_pending = False
+
+
+class SparseLinear(SparseWeightMixin, nn.Linear):
+    dense_class = nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.masked_weight(), self.bias)
+
+
+class SparseConv1D(SparseWeightMixin, Conv1D):
+    """GPT-2 style ``Conv1D``: weight is ``[in, out]``, so N:M groups run along dim 0."""
+
+    input_dim = 0
+    dense_class = Conv1D
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.masked_weight())
+        return out.view(*x.shape[:-1], self.nf)
+
+
+_SPARSE_ATTRIBUTES = (
+    "sparse_mask", "initial_mask", "sparse_pattern", "sparse_decay", "sparse_straight_through", "sparse_update_pending",
+    "sparse_flips",
+)
+SPARSE_CLASSES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: SparseLinear, Conv1D: SparseConv1D}
+
+
+def find_sparse_targets(model: nn.Module, ignore: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """Linear / Conv1D modules to sparsify: all of them except the output embedding and ``ignore`` matches."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output_embedding = get_output() if callable(get_output) else None
+    patterns = [re.compile(p) for p in ignore]
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if type(module) in SPARSE_CLASSES
+        and module is not output_embedding
+        and not any(p.search(name) for p in patterns)
+    }
+
+
+def attach_sparse_layer(
+    module: nn.Module, pattern: SparsityPattern, mask: torch.Tensor, straight_through: bool = True
+) -> SparseWeightMixin:
+    """Swap ``module`` to its sparse class in place with ``mask`` as current and initial mask."""
+    module.__class__ = SPARSE_CLASSES[type(module)]
+    module.register_buffer("sparse_mask", mask.to(device=module.weight.device, dtype=torch.bool), persistent=False)
+    module.register_buffer("initial_mask", module.sparse_mask.clone(), persistent=False)
+    module.sparse_pattern = pattern
+    module.sparse_decay = 0.0
+    module.sparse_straight_through = straight_through
+    module.sparse_update_pending = False
+    module.sparse_flips = (0, 0)
+    return module
+
+
+def attach_sparse_layers(
+    model: nn.Module, pattern: SparsityPattern, ignore: list[str] | tuple[str, ...] = (), straight_through: bool = True
+) -> dict[str, SparseWeightMixin]:
+    """Sparsify every target of ``model`` with its magnitude mask (= the existing mask of an already pruned model)."""
+    targets = find_sparse_targets(model, ignore)
+    if not targets:
+        raise ValueError("No nn.Linear / Conv1D layers to sparsify were found; check `sparse_ignore`.")
+    for name, module in targets.items():
+        pattern.check_width(module.weight.shape[_input_dim(module)], name)
+    return {
+        name: attach_sparse_layer(module, pattern, weight_mask(module.weight, pattern, _input_dim(module)), straight_through)
+        for name, module in targets.items()
+    }
+
+
+def _input_dim(module: nn.Module) -> int:
+    return 0 if isinstance(module, Conv1D) else -1
+
+
+def grouped_weight(module: nn.Module) -> torch.Tensor:
+    """The weight with its input (N:M grouping) dimension last."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+@torch.no_grad()
+def detach_sparse_layer(module: SparseWeightMixin) -> None:
+    """Hard-prune the dense weight to the current mask and restore the plain class (buffers removed)."""
+    module.weight.mul_(module.sparse_mask)
+    for name in _SPARSE_ATTRIBUTES:
+        delattr(module, name)
+    module.__class__ = module.dense_class

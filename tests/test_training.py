@@ -1,0 +1,291 @@
+"""SparseTrainer / AST tests on tiny random Llama models (CPU, seconds)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers.pytorch_utils import Conv1D
+
+from peft_sparse import SparseTrainer, SparseTrainingArguments
+from peft_sparse.sparsity import follows_nm, nm_mask
+from peft_sparse.training import MaskedWeight, SparseAdamW, attach_sparse_layers, kl_distill_sum, srste_lambda
+from peft_sparse.training.layers import SparseConv1D, SparseLinear, weight_mask
+from peft_sparse.training.losses import shifted_token_mask
+from peft_sparse.training.plot import flip_series, plot_flip_rates
+from peft_sparse.sparsity import SparsityPattern
+
+PATTERN = SparsityPattern.parse("2:4")
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32, seqlen: int = 16, seed: int = 0):
+        self.ids = torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def make_args(tmp_path, **overrides) -> SparseTrainingArguments:
+    defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2,
+                    mask_update_interval=2, srste_decay=1e-2, srste_ramp_steps=3, logging_steps=1, report_to="none",
+                    save_strategy="no", use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0)
+    return SparseTrainingArguments(**{**defaults, **overrides})
+
+
+# ---- pure pieces ----
+
+
+def test_annealing_schedule_values():
+    assert [srste_lambda(t, 2e-4, 4) for t in range(7)] == pytest.approx([0, 5e-5, 1e-4, 1.5e-4, 2e-4, 2e-4, 2e-4])
+    assert [srste_lambda(t, 2e-4, 0) for t in (0, 5)] == [2e-4, 2e-4]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(sparsity_pattern="2:x"), dict(mask_update_interval=0), dict(srste_decay=-1.0),
+     dict(srste_placement="adam"), dict(mask_init="wanda"), dict(distill_temperature=0.0),
+     dict(pruned_values="teacher")],
+)
+def test_bad_arguments_fail_early(tmp_path, bad):
+    with pytest.raises(ValueError):
+        make_args(tmp_path, **bad)
+
+
+def test_masked_weight_gradients():
+    weight = torch.randn(3, 8, requires_grad=True)
+    mask = nm_mask(weight.detach().abs(), 2, 4)
+    upstream = torch.randn(3, 8)
+    MaskedWeight.apply(weight, mask, 0.0, True).backward(upstream)
+    assert torch.equal(weight.grad, upstream)  # straight through, also to pruned weights
+    weight.grad = None
+    MaskedWeight.apply(weight, mask, 0.0, False).backward(upstream)
+    assert torch.equal(weight.grad, upstream * mask)  # frozen mask: pruned weights get nothing
+    weight.grad = None
+    MaskedWeight.apply(weight, mask, 0.5, True).backward(torch.zeros(3, 8))
+    assert torch.equal(weight.grad, 0.5 * weight.detach() * ~mask)  # decay on pruned weights only
+
+
+def adamw_reference(w, grads, mask, lam, lr=0.1, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    """The paper's formula written out plainly: decay out of the first moment, inside the second."""
+    u, v = torch.zeros_like(w), torch.zeros_like(w)
+    for t, g in enumerate(grads, start=1):
+        d = lam * w * ~mask
+        numerator = b1 * u + (1 - b1) * (g + d)
+        u = b1 * u + (1 - b1) * g
+        v = b2 * v + (1 - b2) * (g + d) ** 2
+        w = w * (1 - lr * wd) - lr * (numerator / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+    return w
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3])
+def test_sparse_adamw_matches_reference_and_adamw(lam):
+    torch.manual_seed(0)
+    w0 = torch.randn(4, 8)
+    mask = nm_mask(w0.abs(), 2, 4)
+    grads = [torch.randn(4, 8) for _ in range(3)]
+    param = nn.Parameter(w0.clone())
+    opt = SparseAdamW([param], masks={param: mask}, lr=0.1, weight_decay=0.01, srste_decay=lam)
+    for g in grads:
+        param.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(param.detach(), adamw_reference(w0, grads, mask, lam, wd=0.01))
+    if lam == 0.0:
+        plain = nn.Parameter(w0.clone())
+        torch_opt = torch.optim.AdamW([plain], lr=0.1, weight_decay=0.01)
+        for g in grads:
+            plain.grad = g.clone()
+            torch_opt.step()
+        torch.testing.assert_close(param.detach(), plain.detach())
+
+
+def test_decoupled_decay_shrinks_only_pruned_weights():
+    w0 = torch.randn(4, 8)
+    mask = nm_mask(w0.abs(), 2, 4)
+    param = nn.Parameter(w0.clone())
+    opt = SparseAdamW([param], masks={param: mask}, lr=0.01, srste_decay=1e-3)
+    param.grad = torch.zeros_like(w0)
+    opt.step()
+    after = param.detach()
+    assert torch.equal(after[mask], w0[mask])
+    assert (after[~mask].abs() < w0[~mask].abs()).all() and (after[~mask].sign() == w0[~mask].sign()).all()
+
+
+def test_kl_matches_slow_reference_and_vanishes_for_equal_logits():
+    torch.manual_seed(0)
+    student, teacher, temperature = torch.randn(5, 11), torch.randn(5, 11), 2.0
+    expected = 0.0
+    for s_row, t_row in zip(student, teacher):
+        p = torch.softmax(t_row / temperature, -1)
+        q = torch.softmax(s_row / temperature, -1)
+        expected += float((p * (p.log() - q.log())).sum())
+    assert float(kl_distill_sum(student, teacher, temperature)) == pytest.approx(expected * temperature**2, rel=1e-5)
+    assert float(kl_distill_sum(teacher, teacher, temperature)) == pytest.approx(0.0, abs=1e-5)
+    labels = torch.tensor([[1, 2, -100, 3]])
+    assert shifted_token_mask(labels).tolist() == [[True, False, True]]
+
+
+def test_conv1d_masks_group_along_inputs():
+    conv = Conv1D(6, 8)  # weight [in=8, out=6]
+    layers = attach_sparse_layers(nn.ModuleDict({"c": conv}), PATTERN)
+    assert isinstance(layers["c"], SparseConv1D)
+    assert follows_nm((conv.weight * conv.sparse_mask).t(), 2, 4)
+    x = torch.randn(2, 3, 8)
+    expected = x @ (conv.weight * conv.sparse_mask) + conv.bias
+    torch.testing.assert_close(conv(x), expected)
+
+
+# ---- trainer ----
+
+
+class StepRecorder(TrainerCallback):
+    """Checks N:M exactness of every masked layer after every optimizer step."""
+
+    def __init__(self, trainer_ref: list):
+        self.trainer_ref, self.masks = trainer_ref, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        layers = self.trainer_ref[0].sparse_layers
+        for layer in layers.values():
+            assert (layer.sparse_mask.reshape(-1, 4).sum(-1) == 2).all()
+            assert follows_nm(layer.weight * layer.sparse_mask, 2, 4)
+        self.masks.append({name: layer.sparse_mask.clone() for name, layer in layers.items()})
+
+
+def train_tiny(tmp_path, teacher=None, **overrides):
+    model = tiny_llama()
+    ref: list = []
+    recorder = StepRecorder(ref)
+    trainer = SparseTrainer(model=model, args=make_args(tmp_path, **overrides), train_dataset=TokenDataset(),
+                            teacher=teacher, callbacks=[recorder])
+    ref.append(trainer)
+    return trainer, recorder
+
+
+@pytest.mark.parametrize("placement", ["decoupled", "gradient"])
+def test_dynamic_masks_stay_nm_flip_and_finalize_to_plain_model(tmp_path, placement):
+    trainer, recorder = train_tiny(tmp_path, srste_placement=placement, finalize_at_end=False)
+    assert all(isinstance(layer, SparseLinear) for layer in trainer.sparse_layers.values())
+    trainer.train()
+    assert len(recorder.masks) == 6
+    flips = [row for row in trainer.state.log_history if "flip_rate" in row]
+    assert [row["step"] for row in flips] == [2, 4]
+    assert any(row["flip_rate"] > 0 for row in flips)  # lr 1e-2 moves weights across the boundary
+    changed = [not torch.equal(recorder.masks[0][k], recorder.masks[-1][k]) for k in recorder.masks[0]]
+    assert any(changed)
+    x = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        sparse_logits = trainer.model(x).logits
+    trainer.finalize(str(tmp_path / "final"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    for name, module in reloaded.named_modules():
+        if isinstance(module, nn.Linear) and "lm_head" not in name:
+            assert follows_nm(module.weight, 2, 4), name
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, sparse_logits)
+
+
+def test_frozen_mask_trains_kept_weights_only(tmp_path):
+    trainer, recorder = train_tiny(tmp_path, frozen_mask=True, finalize_at_end=False)
+    initial = {name: layer.sparse_mask.clone() for name, layer in trainer.sparse_layers.items()}
+    before = {name: layer.weight.detach().clone() for name, layer in trainer.sparse_layers.items()}
+    trainer.train()
+    for name, layer in trainer.sparse_layers.items():
+        assert torch.equal(layer.sparse_mask, initial[name])
+        assert (layer.weight[~layer.sparse_mask] == 0).all()
+        assert not torch.equal(layer.weight[layer.sparse_mask], before[name][layer.sparse_mask])
+    assert not any("flip_rate" in row for row in trainer.state.log_history)
+
+
+def test_pruned_init_keeps_given_mask_and_can_restore_teacher_values(tmp_path):
+    dense = tiny_llama()
+    pruned, keeps = copy.deepcopy(dense), {}
+    with torch.no_grad():
+        for name, module in pruned.named_modules():
+            if isinstance(module, nn.Linear) and module is not pruned.lm_head:
+                keeps[name] = nm_mask(torch.rand_like(module.weight), 2, 4)  # not the magnitude mask, like SparseGPT
+                module.weight.mul_(keeps[name])
+    args = make_args(tmp_path, mask_init="pruned", pruned_values="teacher")
+    trainer = SparseTrainer(model=pruned, args=args, train_dataset=TokenDataset(), teacher=dense)
+    dense_params = dict(dense.named_parameters())
+    assert set(trainer.sparse_layers) == set(keeps)
+    for name, layer in trainer.sparse_layers.items():
+        assert torch.equal(layer.sparse_mask, keeps[name])
+        torch.testing.assert_close(layer.weight, dense_params[f"{name}.weight"])
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        SparseTrainer(model=tiny_llama(), args=make_args(tmp_path, mask_init="pruned"), train_dataset=TokenDataset())
+
+
+def test_distillation_term_is_zero_when_student_equals_teacher(tmp_path):
+    student = tiny_llama()
+    with torch.no_grad():
+        for module in student.modules():
+            if isinstance(module, nn.Linear) and module is not student.lm_head:
+                module.weight.mul_(weight_mask(module.weight, PATTERN))
+    teacher = copy.deepcopy(student)
+    batch = {"input_ids": TokenDataset().ids[:4], "labels": TokenDataset().ids[:4]}
+    losses = []
+    for alpha in (0.0, 2.0):
+        trainer = SparseTrainer(model=copy.deepcopy(student), args=make_args(tmp_path, distill_alpha=alpha),
+                                teacher=teacher)
+        losses.append(trainer.compute_loss(trainer.model, dict(batch)).item())
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert trainer.teacher.training is False and not any(p.requires_grad for p in teacher.parameters())
+    trainer.teacher = tiny_llama(seed=1).eval()
+    assert trainer.compute_loss(trainer.model, dict(batch)).item() > losses[0] + 1e-3
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    common = dict(save_strategy="steps", save_steps=3, finalize_at_end=False)
+    full, _ = train_tiny(tmp_path / "full", **common)
+    full.train()
+    first, _ = train_tiny(tmp_path / "resumed", **common)
+    first.add_callback(_StopAt(3))
+    first.train()
+    checkpoint = tmp_path / "resumed" / "checkpoint-3"
+    assert (checkpoint / "sparse_state.pt").exists()
+    resumed, _ = train_tiny(tmp_path / "resumed", **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 6
+    for name, layer in full.sparse_layers.items():
+        other = resumed.sparse_layers[name]
+        assert torch.equal(layer.sparse_mask, other.sparse_mask)
+        assert torch.equal(layer.initial_mask, other.initial_mask)
+        torch.testing.assert_close(layer.weight, other.weight)
+    assert not torch.equal(full.sparse_layers["model.layers.0.mlp.up_proj"].weight, tiny_llama().model.layers[0].mlp.up_proj.weight)
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_flip_series_reads_trainer_state(tmp_path):
+    state = {"log_history": [{"loss": 1.0, "step": 1}, {"flip_rate": 0.1, "initial_flip_rate": 0.1, "step": 10},
+                             {"flip_rate": 0.05, "initial_flip_rate": 0.12, "step": 20}]}
+    path = tmp_path / "trainer_state.json"
+    path.write_text(json.dumps(state))
+    from peft_sparse.training.plot import _load_history
+
+    assert flip_series(_load_history(path), "initial_flip_rate") == ([10, 20], [0.1, 0.12])
+    pytest.importorskip("matplotlib")
+    plot_flip_rates({"run": path}, tmp_path / "flips.png")
+    assert (tmp_path / "flips.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
