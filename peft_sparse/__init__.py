@@ -7,6 +7,11 @@ __version__ = "0.1.0"
 
 __all__ = ["SparsityConfig", "SparsityPattern", "__version__"]
 
+# Importing the tuners registers the "SPP" and "SLORB" PEFT types with peft (the only import-time side effect).
+from .tuners import SLoRBConfig, SLoRBModel, SPPConfig, SPPModel, get_slorb_model  # noqa: E402
+
+__all__ += ["SLoRBConfig", "SLoRBModel", "SPPConfig", "SPPModel", "get_slorb_model"]
+
 from .training import SparseTrainer, SparseTrainingArguments, plot_flip_rates  # noqa: E402
 
 __all__ += ["SparseTrainer", "SparseTrainingArguments", "plot_flip_rates"]

@@ -1,0 +1,156 @@
+"""SPP layer: W' = W * Repeat_0(alpha, m/r) * beta, added residually and merged multiplicatively."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .._weights import check_supported, from_out_in, out_in_weight
+from .config import SPPConfig
+
+
+def spp_multiplier(alpha: torch.Tensor, beta: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The full (m, n) multiplier ``Repeat_0(alpha, m/r) * beta`` (only for merging and reference checks)."""
+    return alpha.repeat_interleave(out_features // alpha.shape[0], dim=0) * beta
+
+
+def spp_delta_naive(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``x (W * M)^T`` with M materialised: the paper's Eq. 4-5 as written (m x n temporaries, kept for backward)."""
+    return F.linear(x, weight * spp_multiplier(alpha, beta, weight.shape[0]))
+
+
+def spp_delta_blocked(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``x (W * M)^T`` in the block form of the paper's Eq. 7: ``concat_j (x * alpha_j) W_j^T``, then ``* beta``.
+
+    W is split into r row blocks W_j (m/r x n), each scaled on its input side by row j of alpha. The r matmuls run
+    one after another on purpose: a batched version would hold an (tokens x r x n) temporary, r times the input
+    activation, while this keeps the transient at one block and saves only x and the (tokens x m) output for backward.
+    """
+    blocks = weight.unflatten(0, (alpha.shape[0], -1))
+    out = torch.cat([F.linear(x * a, w) for a, w in zip(alpha, blocks)], dim=-1)
+    return out * beta.squeeze(-1)
+
+
+class SPPLayer(BaseTunerLayer):
+    """Per-adapter SPP state on top of a frozen Linear/Conv1D base layer."""
+
+    adapter_layer_names = ("spp_alpha", "spp_beta")
+    other_param_names = ("r", "scaling", "spp_dropout", "memory_efficient")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        check_supported(base_layer, "SPP")
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.memory_efficient: dict[str, bool] = {}
+        self.spp_alpha = nn.ParameterDict({})
+        self.spp_beta = nn.ParameterDict({})
+        self.spp_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.out_features, self.in_features = out_in_weight(base_layer).shape
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, config: SPPConfig, inference_mode: bool = False, **kwargs: Any) -> None:
+        """Create (or re-create) the adapter's alpha (r x n) and beta (m x 1)."""
+        r = config.r
+        if self.out_features % r:
+            raise ValueError(
+                f"SPP r={r} must divide the output size m={self.out_features} of {self.base_layer}; "
+                f"choose r among the divisors of {self.out_features} (e.g. {math.gcd(self.out_features, 16)})."
+            )
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = config.scaling
+        self.memory_efficient[adapter_name] = config.memory_efficient
+        self.spp_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        alpha = torch.empty(r, self.in_features)
+        nn.init.kaiming_uniform_(alpha, a=math.sqrt(5))
+        beta = torch.zeros(self.out_features, 1) if config.init_weights else torch.randn(self.out_features, 1) * 0.1
+        self.spp_alpha[adapter_name] = nn.Parameter(alpha)
+        self.spp_beta[adapter_name] = nn.Parameter(beta)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def merge_factor(self, adapter: str) -> torch.Tensor:
+        """``1 + s * M`` in float32, in the base layer's storage orientation."""
+        alpha, beta = self.spp_alpha[adapter].float(), self.spp_beta[adapter].float()
+        factor = 1.0 + self.scaling[adapter] * spp_multiplier(alpha, beta, self.out_features)
+        return from_out_in(self.get_base_layer(), factor)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``s * W'`` for the current base weight, so that merging gives ``W + s * W'`` (Eq. 5)."""
+        weight = self.get_base_weight()
+        return (weight.float() * (self.merge_factor(adapter) - 1.0)).to(weight.dtype)
+
+
+class SPPLinear(nn.Module, SPPLayer):
+    """SPP on ``nn.Linear`` or GPT-2 ``Conv1D``: ``Y = base(X) + s * Dropout(X) W'^T``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SPPConfig, **kwargs: Any) -> None:
+        super().__init__()
+        SPPLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """``W <- W * (1 + s * M)``: zeros of W stay exactly zero, so any N:M pattern survives."""
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.spp_alpha:
+                continue
+            weight = self.get_base_weight()
+            factor = self.merge_factor(name)
+            merged = weight.float() * factor
+            lost = int(((factor == 0) & (weight != 0)).sum())
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"Merging SPP adapter {name!r} gives non-finite weights; the adapter is broken.")
+            if lost:
+                message = (
+                    f"Merging SPP adapter {name!r} zeroes {lost} non-zero weights (1 + s*alpha*beta == 0 there); "
+                    "unmerge cannot restore them. Keep the unmerged model if you need to undo the merge."
+                )
+                if safe_merge:
+                    raise ValueError(message)
+                warnings.warn(message)
+            self.set_base_weight(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo merges in reverse order by dividing by each factor (exact up to rounding where it is non-zero)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.spp_alpha:
+                continue
+            weight = self.get_base_weight()
+            factor = self.merge_factor(name)
+            safe_factor = torch.where(factor == 0, torch.ones_like(factor), factor)
+            self.set_base_weight((weight.float() / safe_factor).to(weight.dtype))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        weight = out_in_weight(self.get_base_layer())
+        for name in self.active_adapters:
+            if name not in self.spp_alpha:
+                continue
+            delta = spp_delta_blocked if self.memory_efficient[name] else spp_delta_naive
+            x_drop = self.spp_dropout[name](x).to(weight.dtype)
+            alpha, beta = self.spp_alpha[name].to(weight.dtype), self.spp_beta[name].to(weight.dtype)
+            result = result + (self.scaling[name] * delta(x_drop, weight, alpha, beta)).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "spp." + super().__repr__()
