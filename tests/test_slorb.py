@@ -1,0 +1,140 @@
+"""SLoRB: mean init keeps each group's dense mean, group-sum forward == explicit projection, merge refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from peft_tiny_models import tiny_llama, token_batch
+
+from peft_sparse import SLoRBConfig, get_slorb_model
+from peft_sparse.sparsity import follows_nm, nm_mask
+from peft_sparse.tuners.slorb import SLoRBLinear, slorb_group_sum, slorb_mean_init
+
+K = 16
+
+
+def _dense_linear(seed: int = 0, n: int = 64, m: int = 32) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(n, m, bias=False)
+
+
+def _slow_mean_init(weight: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    m, n = weight.shape
+    S = torch.zeros(m, n // k)
+    for i in range(m):
+        for j in range(n // k):
+            S[i, j] = sum(float(weight[i, p]) for p in range(j * k, (j + 1) * k) if not mask[i, p]) / k
+    return S
+
+
+def test_mean_init_matches_slow_reference_and_keeps_group_means():
+    linear = _dense_linear()
+    dense = linear.weight.detach().clone()
+    mask = nm_mask(dense.abs(), 2, 4)
+    layer = SLoRBLinear(linear, "default", SLoRBConfig(k=K))
+    S = layer.slorb_S["default"].detach()
+    torch.testing.assert_close(S, _slow_mean_init(dense, mask, K))
+    pruned = layer.get_base_weight()
+    assert torch.equal(pruned, dense * mask) and follows_nm(pruned, 2, 4)
+    group_means = (pruned + S.repeat_interleave(K, dim=1)).unflatten(1, (-1, K)).mean(-1)
+    torch.testing.assert_close(group_means, dense.unflatten(1, (-1, K)).mean(-1))
+
+
+def test_forward_equals_explicit_projection_and_dense_on_group_constant_inputs():
+    linear = _dense_linear()
+    dense = linear.weight.detach().clone()
+    layer = SLoRBLinear(linear, "default", SLoRBConfig(k=K, init="xavier"))
+    S = layer.slorb_S["default"].detach()
+    P = torch.kron(torch.eye(64 // K), torch.ones(1, K))  # (n/k, n) block-ones projection
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(slorb_group_sum(x, K), x @ P.T)
+    torch.testing.assert_close(layer(x), x @ layer.get_base_weight().T + x @ P.T @ S.T)
+    mean_layer = SLoRBLinear(_dense_linear(), "default", SLoRBConfig(k=K))
+    constant = torch.randn(3, 64 // K).repeat_interleave(K, dim=1)
+    torch.testing.assert_close(mean_layer(constant), constant @ dense.T, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_init_is_the_pruned_model_and_prune_base_false_keeps_dense():
+    ids = token_batch()
+    pruned = tiny_llama(pruned=True)
+    reference = pruned(ids).logits
+    model = get_peft_model(tiny_llama(pruned=False), SLoRBConfig(k=K, init="zero", target_modules=["q_proj", "up_proj"]))
+    for name in ("q_proj", "up_proj"):
+        layer = getattr(model.base_model.model.model.layers[0], "self_attn" if name == "q_proj" else "mlp")
+        assert follows_nm(getattr(layer, name).get_base_weight(), 2, 4)
+    kept = get_peft_model(tiny_llama(pruned=False), SLoRBConfig(k=K, prune_base=False, target_modules=["q_proj"]))
+    q = kept.base_model.model.model.layers[0].self_attn.q_proj
+    assert torch.equal(q.get_base_weight(), tiny_llama(pruned=False).model.layers[0].self_attn.q_proj.weight)
+    full = get_peft_model(tiny_llama(pruned=False), SLoRBConfig(k=K, init="zero"))
+    torch.testing.assert_close(full(ids).logits, reference)
+
+
+def test_explicit_masks_take_precedence_over_pattern():
+    base = tiny_llama(pruned=False)
+    dense = base.model.layers[1].mlp.down_proj.weight.detach().clone()
+    mask = torch.rand(dense.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    model = get_slorb_model(
+        base, SLoRBConfig(k=K, target_modules=["down_proj"]), masks={"model.layers.1.mlp.down_proj.weight": mask}
+    )
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    torch.testing.assert_close(layer.slorb_S["default"].detach(), slorb_mean_init(dense, mask, K))
+    assert torch.equal(layer.get_base_weight(), dense * mask)
+    with pytest.raises(ValueError, match="mask has shape"):
+        get_slorb_model(tiny_llama(pruned=False), SLoRBConfig(k=K, target_modules=["down_proj"]),
+                        masks={"model.layers.0.mlp.down_proj": mask.T})
+
+
+def test_merge_refused_unless_dense_is_asked_for():
+    model = get_peft_model(tiny_llama(pruned=False), SLoRBConfig(k=K, init="xavier"))
+    ids = token_batch()
+    logits = model(ids).logits
+    with pytest.raises(ValueError, match="cannot be merged into an N:M weight"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="allow_dense=True"):
+        model.merge_adapter()
+    dense = model.merge_and_unload(allow_dense=True)
+    torch.testing.assert_close(dense(ids).logits, logits, rtol=1e-5, atol=1e-5)
+    assert not follows_nm(dense.model.layers[0].self_attn.q_proj.weight, 2, 4)
+
+
+def test_extra_parameter_fraction_and_side_weights():
+    for k in (16, 32, 64):
+        model = get_peft_model(tiny_llama(pruned=False), SLoRBConfig(k=k))
+        assert model.extra_parameter_fraction() == pytest.approx(1 / k)
+        side = model.side_weights()
+        S, got_k = side["model.layers.0.mlp.down_proj"]
+        assert got_k == k and S.shape == (64, 128 // k) and len(side) == 14
+
+
+def test_trainable_base_keeps_the_pattern_while_training_weights_and_S():
+    model = get_peft_model(tiny_llama(pruned=False), SLoRBConfig(k=K, trainable_base=True))
+    layer = model.base_model.model.model.layers[0].mlp.gate_proj
+    before = layer.get_base_weight().clone()
+    S_before = layer.slorb_S["default"].detach().clone()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert any(p is layer.get_base_layer().weight for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    ids = token_batch(batch=4, length=16)
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = layer.get_base_weight()
+    assert not torch.equal(after, before) and torch.equal(after == 0, before == 0)
+    assert not torch.equal(layer.slorb_S["default"].detach(), S_before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"k": 0}, "k must be an integer >= 2"), ({"k": 1}, "k must be"), ({"init": "sum"}, "init must be one of"),
+     ({"pattern": "5:4"}, "Invalid N:M pattern"), ({"pattern": "two-four"}, "Cannot parse")],
+)
+def test_bad_config_values_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SLoRBConfig(**kwargs)
+
+
+def test_k_must_divide_input_size():
+    with pytest.raises(ValueError, match="k=48 must divide the input size n=64"):
+        get_peft_model(tiny_llama(pruned=False), SLoRBConfig(k=48))
