@@ -15,3 +15,8 @@ __all__ += ["SLoRBConfig", "SLoRBModel", "SPPConfig", "SPPModel", "get_slorb_mod
 from .training import SparseTrainer, SparseTrainingArguments, plot_flip_rates  # noqa: E402
 
 __all__ += ["SparseTrainer", "SparseTrainingArguments", "plot_flip_rates"]
+
+from .prune import prune  # noqa: E402
+from .pruning.report import PruneReport  # noqa: E402
+
+__all__ += ["PruneReport", "prune"]

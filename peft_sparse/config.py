@@ -74,7 +74,11 @@ class SparsityConfig:
             raise ValueError(
                 f"Unknown option(s) {unknown} for method {self.method!r}; valid options: {sorted(known) or 'none'}."
             )
-        return options_cls(**self.method_options)
+        options = options_cls(**self.method_options)
+        check_pattern = getattr(options, "check_pattern", None)  # e.g. SparseGPT needs M | blocksize
+        if check_pattern is not None:
+            check_pattern(self.sparsity_pattern)
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

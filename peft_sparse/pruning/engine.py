@@ -1,0 +1,314 @@
+"""Sequential one-shot pruning of any Hugging Face decoder-only causal LM, one decoder block at a time.
+
+Design (as in the Wanda and SparseGPT papers, without their hard-coded ``model.model.layers``):
+
+* the decoder blocks are the ``nn.ModuleList`` whose length is ``config.num_hidden_layers``;
+* the first block's inputs and *all* its keyword arguments (``position_embeddings``, ``attention_mask``, ...) are
+  captured by a forward pre-hook that stops the forward, one batch of samples at a time, so the kwargs always match
+  the batch they were captured with;
+* per block: pass 1 forwards every sample through the dense block while hooks feed each target's inputs to the
+  pruner's statistics; every target is pruned; pass 2 forwards again through the pruned block to produce the next
+  block's inputs. Only one block's activations and statistics are alive at a time;
+* targets fed the very same input tensor (q/k/v, gate/up) share one set of statistics (exact, and it halves the
+  SparseGPT Hessian work);
+* with CUDA available and the model on CPU, each block visits the GPU in turn (how a 70B is pruned on one GPU).
+
+All checks (blocks found, targets found, widths divisible by M) run in :func:`plan` before the model is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from .base import Pruner
+from .registry import get_pruner
+from .report import LayerReport, PruneReport
+
+if TYPE_CHECKING:
+    from ..config import SparsityConfig
+
+logger = logging.getLogger(__name__)
+
+_TOKENS_PER_BATCH = 4096  # samples are batched through a block up to this many tokens (faster on CPU)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+@dataclass
+class Batch:
+    """Inputs of the current block for a few calibration samples: hidden states plus the captured call arguments."""
+
+    hidden: torch.Tensor
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class Plan:
+    """Everything resolved and checked before any work: the decoder blocks and the target linears of each."""
+
+    blocks: nn.ModuleList
+    targets: list[dict[str, nn.Module]]
+
+
+@dataclass
+class _Target:
+    name: str
+    module: nn.Module
+    stats: Any = None
+    owner: _Target | None = None  # an earlier target fed the same input tensor, whose statistics we share
+    sample: torch.Tensor | None = None  # first calibration sample's input, for the reconstruction error
+
+    @property
+    def shared_stats(self) -> Any:
+        return self.owner.stats if self.owner is not None else self.stats
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The outermost ``nn.ModuleList`` holding ``config.num_hidden_layers`` modules, with its qualified name."""
+    config = getattr(model, "config", None)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and num_layers is not None and len(module) == num_layers:
+            return name, module
+    model_type = getattr(config, "model_type", type(model).__name__)
+    raise ValueError(
+        f"Cannot find the decoder blocks of model type {model_type!r}: no nn.ModuleList of length "
+        f"config.num_hidden_layers={num_layers}. peft_sparse prunes decoder-only causal LMs whose blocks sit in one "
+        "nn.ModuleList (Llama, Mistral, Qwen2, Gemma, Phi, OPT, GPT-2, GPT-NeoX, ...)."
+    )
+
+
+def _compile(patterns: list[str], key: str) -> list[re.Pattern[str]]:
+    try:
+        return [re.compile(p) for p in patterns]
+    except re.error as exc:
+        raise ValueError(f"Invalid regular expression in {key}: {exc}.") from None
+
+
+def select_targets(model: nn.Module, blocks_name: str, config: SparsityConfig) -> dict[str, nn.Module]:
+    """Linear/Conv1D modules to prune: inside the decoder blocks by default, else those matching ``targets``."""
+    prefix = f"{blocks_name}."
+    targets = _compile(config.targets, "targets") if config.targets is not None else None
+    ignore = _compile(config.ignore, "ignore")
+    selected = {
+        name: module
+        for name, module in model.named_modules()
+        if is_prunable(module)
+        and (name.startswith(prefix) if targets is None else any(p.search(name) for p in targets))
+        and not any(p.search(name) for p in ignore)
+    }
+    if not selected:
+        raise ValueError(
+            f"No Linear/Conv1D layer left to prune (targets={config.targets}, ignore={config.ignore}); "
+            f"layer names look like {next(iter(_linear_names(model, prefix)), '<none>')!r}."
+        )
+    outside = sorted(name for name in selected if not name.startswith(prefix))
+    if outside:
+        raise ValueError(
+            f"Only layers inside the decoder blocks ({prefix}*) can be pruned sequentially, but targets also match "
+            f"{outside[:3]}; narrow `targets` or add them to `ignore`."
+        )
+    return selected
+
+
+def _linear_names(model: nn.Module, prefix: str) -> Iterator[str]:
+    return (name for name, module in model.named_modules() if is_prunable(module) and name.startswith(prefix))
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as an ``(out, in)`` matrix; transformers ``Conv1D`` stores ``(in, out)``."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def plan(model: nn.Module, config: SparsityConfig) -> Plan:
+    """Resolve and check blocks and targets; raises before anything is modified."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    targets = select_targets(model, blocks_name, config)
+    pattern = config.sparsity_pattern
+    for name, module in targets.items():
+        pattern.check_width(weight_matrix(module).shape[1], name)
+    per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
+    for name, module in targets.items():
+        index = int(name[len(blocks_name) + 1 :].split(".", 1)[0])
+        per_block[index][name] = module
+    return Plan(blocks=blocks, targets=per_block)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Move the tensors of nested tuples/lists/dicts (block kwargs) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(item, device) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _to_device(value, device) for key, value in obj.items()}
+    return obj
+
+
+def capture_inputs(model: nn.Module, first_block: nn.Module, calibration: torch.Tensor) -> list[Batch]:
+    """Run the model up to ``first_block`` and record its inputs and call arguments, batch by batch."""
+    captured: list[Batch] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(Batch(hidden, tuple(args[1:]), kwargs))
+        raise _StopForward
+
+    device = model.get_input_embeddings().weight.device
+    batch_size = max(1, _TOKENS_PER_BATCH // calibration.shape[1])
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            with contextlib.suppress(_StopForward):
+                model(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def forward_block(block: nn.Module, batches: list[Batch]) -> list[Batch]:
+    """The next block's inputs: each batch's hidden states replaced by this block's output."""
+    outputs = []
+    for batch in batches:
+        out = block(batch.hidden, *batch.args, **batch.kwargs)
+        outputs.append(Batch(out[0] if isinstance(out, tuple) else out, batch.args, batch.kwargs))
+    return outputs
+
+
+@dataclass
+class _Observer:
+    """Pass-1 forward hooks: feed each target's inputs to the pruner and keep what the report needs."""
+
+    pruner: Pruner
+    first_batch: bool = True
+    seen: list[tuple[torch.Tensor, _Target]] = field(default_factory=list)  # holds inputs alive: no id reuse
+
+    def hook(self, target: _Target) -> Any:
+        def observe(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            inp = args[0]
+            if self.first_batch:
+                target.owner = next((t for x, t in self.seen if x is inp), None)
+                self.seen.append((inp, target))
+                first = inp[0] if inp.dim() > 2 else inp
+                target.sample = target.owner.sample if target.owner else first.detach().clone()
+                if target.owner is None and self.pruner.needs_data:
+                    target.stats = self.pruner.new_stats(inp.shape[-1], inp.device)
+            if target.owner is None and self.pruner.needs_data:
+                self.pruner.accumulate(target.stats, inp)
+
+        return observe
+
+
+def _collect_statistics(block: nn.Module, targets: list[_Target], pruner: Pruner, batches: list[Batch]) -> None:
+    """Pass 1: forward every batch through the (still dense) block with the observers attached."""
+    observer = _Observer(pruner)
+    handles = [target.module.register_forward_hook(observer.hook(target)) for target in targets]
+    try:
+        for batch in batches:
+            block(batch.hidden, *batch.args, **batch.kwargs)
+            observer.first_batch = False
+            observer.seen.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def reconstruction_error(x: torch.Tensor, dense: torch.Tensor, pruned: torch.Tensor) -> float:
+    """``||X (W - W')^T||^2 / ||X W^T||^2`` for one sample's inputs ``x`` (tokens, in)."""
+    x = x.to(device=dense.device, dtype=torch.float32)
+    reference = (x @ dense.t()).square().sum()
+    return float((x @ (dense - pruned).t()).square().sum() / reference.clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def _prune_target(target: _Target, pruner: Pruner, device: torch.device) -> LayerReport:
+    start = time.perf_counter()
+    matrix = weight_matrix(target.module)
+    dense = matrix.detach().to(device=device, dtype=torch.float32)
+    pruned, _ = pruner.prune(dense, target.shared_stats)
+    error = None if target.sample is None else reconstruction_error(target.sample, dense, pruned)
+    matrix.copy_(pruned.to(matrix.dtype))  # after the error: ``dense`` may share storage with the weight
+    sparsity = float((matrix == 0).sum()) / matrix.numel()
+    return LayerReport(target.name, tuple(matrix.shape), sparsity, error, time.perf_counter() - start)
+
+
+def prune_block(
+    block: nn.Module, modules: dict[str, nn.Module], pruner: Pruner, batches: list[Batch] | None, device: torch.device
+) -> list[LayerReport]:
+    """Collect statistics for the block's targets (if there is data), then prune them all."""
+    targets = [_Target(name, module) for name, module in modules.items()]
+    if targets and batches is not None:
+        _collect_statistics(block, targets, pruner, batches)
+    return [_prune_target(target, pruner, device) for target in targets]
+
+
+@contextlib.contextmanager
+def _visiting(block: nn.Module, offload: bool) -> Iterator[torch.device]:
+    """Yield the device the block runs on; with ``offload`` it visits the GPU for the duration."""
+    if not offload:
+        yield next(block.parameters()).device
+        return
+    device = torch.device("cuda")
+    block.to(device)
+    try:
+        yield device
+    finally:
+        block.to("cpu")
+
+
+@contextlib.contextmanager
+def _exact_fp32_matmul() -> Iterator[None]:
+    """No TF32 while pruning (reference parity), restoring the user's setting afterwards."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _batches_to(batches: list[Batch] | None, device: torch.device) -> list[Batch] | None:
+    if batches is None:
+        return None
+    return [Batch(_to_device(b.hidden, device), _to_device(b.args, device), _to_device(b.kwargs, device)) for b in batches]
+
+
+def run(model: nn.Module, config: SparsityConfig, plan: Plan, calibration: torch.Tensor | None) -> PruneReport:
+    """Prune ``model`` in place following ``plan``; ``calibration`` is ``(nsamples, seqlen)`` token ids or None."""
+    pattern = config.sparsity_pattern
+    pruner = get_pruner(config.method)(config.options, pattern)
+    report = PruneReport(method=config.method, pattern=str(pattern))
+    start = time.perf_counter()
+    offload = torch.cuda.is_available() and all(p.device.type == "cpu" for p in model.parameters())
+    was_training = model.training
+    model.eval()  # no dropout in the calibration forwards
+    try:
+        with torch.no_grad(), _exact_fp32_matmul():
+            batches = None if calibration is None else capture_inputs(model, plan.blocks[0], calibration)
+            for index, block in enumerate(tqdm(plan.blocks, desc=f"{config.method} {pattern}", unit="block")):
+                with _visiting(block, offload) as device:
+                    batches = _batches_to(batches, device)
+                    report.layers += prune_block(block, plan.targets[index], pruner, batches, device)
+                    if batches is not None and index + 1 < len(plan.blocks):
+                        batches = forward_block(block, batches)  # pass 2: the pruned block feeds the next
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    return report
