@@ -1,0 +1,239 @@
+"""Pruner math vs slow, obviously-correct re-statements of the papers (loops over rows, groups and columns)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from peft_sparse import SparsityConfig, SparsityPattern
+from peft_sparse.pruning import RunningMean
+from peft_sparse.pruning.magnitude import magnitude_prune
+from peft_sparse.pruning.sparsegpt import (
+    HessianStats,
+    SparseGPTOptions,
+    accumulate_hessian,
+    inverse_hessian_factor,
+    sparsegpt_prune,
+)
+from peft_sparse.pruning.wanda import accumulate_row_scalars, wanda_prune
+from peft_sparse.sparsity import nm_violations
+
+PATTERNS = ["2:4", "4:8", "1:4", "0.5"]
+
+
+def _weights_and_inputs(rows: int = 24, cols: int = 64, tokens: int = 96, seed: int = 0):
+    """Random weight and correlated inputs with uneven feature scales (as LLM activations have)."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.rand(cols, generator=g) * 3 + 0.1
+    x = (torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g) / cols**0.5) * scales
+    return torch.randn(rows, cols, generator=g), x
+
+
+# ---------- slow references ----------
+
+
+def slow_scores_mask(scores: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
+    """Keep mask by explicit loops: per row, per group of M (N:M) or per row (unstructured)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    rows, cols = scores.shape
+    for r in range(rows):
+        if pattern.is_nm:
+            for start in range(0, cols, pattern.m):
+                group = scores[r, start : start + pattern.m].tolist()
+                for j in sorted(range(pattern.m), key=lambda j: group[j])[: pattern.m - pattern.n]:
+                    keep[r, start + j] = False
+        else:
+            row = scores[r].tolist()
+            for j in sorted(range(cols), key=lambda j: row[j])[: int(cols * pattern.sparsity)]:
+                keep[r, j] = False
+    return keep
+
+
+def slow_wanda_scaler(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Wanda's ``WrappedGPT.add_batch``, one sequence at a time: running mean over sequences of sum_t x_tj^2."""
+    scaler, n = torch.zeros(batches[0].shape[-1]), 0
+    for batch in batches:
+        for seq in batch:
+            scaler = scaler * n / (n + 1)
+            n += 1
+            scaler = scaler + torch.norm(seq, p=2, dim=0) ** 2 / n
+    return scaler
+
+
+def slow_sparsegpt(w: torch.Tensor, h: torch.Tensor, pattern: SparsityPattern, blocksize=128, percdamp=0.01):
+    """SparseGPT Algorithm 1 column by column, with the reference's Cholesky chain and lazy batch updates."""
+    w, h = w.clone().double(), h.clone().double()
+    cols = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1, u = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        pruned = torch.zeros_like(w1, dtype=torch.bool)
+        if not pattern.is_nm:  # exactly int(numel * sparsity) lowest w^2/d^2 of the block
+            score = (w1**2 / torch.diag(u) ** 2).flatten()
+            order = sorted(range(score.numel()), key=lambda i: score[i].item())
+            pruned.view(-1)[order[: int(score.numel() * pattern.sparsity)]] = True
+        for i in range(i2 - i1):
+            if pattern.is_nm and i % pattern.m == 0:
+                score = w1[:, i : i + pattern.m] ** 2 / torch.diag(u)[i : i + pattern.m] ** 2
+                pruned[:, i : i + pattern.m] = ~slow_scores_mask(score, pattern)
+            q = w1[:, i].clone()
+            q[pruned[:, i]] = 0
+            err1[:, i] = (w1[:, i] - q) / u[i, i]
+            w1[:, i:] -= err1[:, i : i + 1] @ u[i : i + 1, i:]
+            w1[:, i] = q
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w.float()
+
+
+# ---------- magnitude and Wanda ----------
+
+
+@pytest.mark.parametrize("spec", PATTERNS)
+def test_wanda_matches_slow_reference(spec):
+    pattern = SparsityPattern.parse(spec)
+    w, x = _weights_and_inputs()
+    batches = list(x.reshape(4, 2, 12, x.shape[1]))  # 4 batches of 2 sequences of 12 tokens
+    stats = RunningMean(torch.zeros(x.shape[1]))
+    for batch in batches:
+        accumulate_row_scalars(stats, batch)
+    scaler = slow_wanda_scaler(batches)
+    torch.testing.assert_close(stats.value, scaler, rtol=1e-5, atol=0)
+    assert stats.count == 8
+    pruned, keep = wanda_prune(w, stats.value, pattern)
+    expected = slow_scores_mask(w.abs() * scaler.sqrt(), pattern)
+    assert torch.equal(keep, expected)
+    assert torch.equal(pruned, w * expected)
+
+
+def test_wanda_hand_computed_2_of_4():
+    """Activations flip the magnitude order: column 0 is small but sees large inputs."""
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    stats = RunningMean(torch.zeros(4))
+    accumulate_row_scalars(stats, torch.tensor([[[10.0, 1.0, 1.0, 0.1]]]))
+    pruned, _ = wanda_prune(w, stats.value, SparsityPattern.parse("2:4"))
+    assert pruned.tolist() == [[1.0, 0.0, 3.0, 0.0]]
+
+
+@pytest.mark.parametrize("spec", PATTERNS)
+def test_magnitude_matches_slow_reference(spec):
+    w, _ = _weights_and_inputs()
+    pattern = SparsityPattern.parse(spec)
+    pruned, keep = magnitude_prune(w, pattern)
+    assert torch.equal(keep, slow_scores_mask(w.abs(), pattern))
+    assert torch.equal(pruned, w * keep)
+
+
+def test_magnitude_layer_scope_uses_one_threshold():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    pruned, _ = magnitude_prune(w, SparsityPattern(sparsity=0.5, scope="layer"))
+    assert pruned.tolist() == [[0.0, 0.0, 0.0, 0.0], [5.0, 6.0, 7.0, 8.0]]
+    row, _ = magnitude_prune(w, SparsityPattern(sparsity=0.5, scope="row"))
+    assert row.tolist() == [[0.0, 0.0, 3.0, 4.0], [0.0, 0.0, 7.0, 8.0]]
+
+
+# ---------- SparseGPT ----------
+
+
+def _hessian(x: torch.Tensor) -> torch.Tensor:
+    stats = HessianStats(torch.zeros(x.shape[-1], x.shape[-1]))
+    accumulate_hessian(stats, x.reshape(4, -1, x.shape[-1]))
+    return stats.value
+
+
+def test_hessian_is_two_over_n_sum_xxt():
+    _, x = _weights_and_inputs()
+    seqs = x.reshape(8, -1, x.shape[1])
+    stats = HessianStats(torch.zeros(x.shape[1], x.shape[1]))
+    for batch in (seqs[:3], seqs[3:5], seqs[5:]):  # batching must not matter
+        accumulate_hessian(stats, batch)
+    expected = 2 / 8 * sum(s.T.double() @ s.double() for s in seqs)
+    torch.testing.assert_close(stats.value.double(), expected, rtol=1e-5, atol=1e-4)
+    assert stats.count == 8
+
+
+@pytest.mark.parametrize(
+    "spec, cols, blocksize",
+    [("2:4", 64, 16), ("4:8", 64, 32), ("1:4", 64, 128), ("8:16", 64, 32), ("0.5", 64, 16), ("0.6", 36, 32)],
+)
+def test_sparsegpt_matches_column_by_column_reference(spec, cols, blocksize):
+    """Chunked exact solves == Algorithm 1; covers partial blocks, M > 8 and widths not divisible by 8."""
+    pattern = SparsityPattern.parse(spec)
+    w, x = _weights_and_inputs(rows=20, cols=cols)
+    h = _hessian(x)
+    pruned, keep = sparsegpt_prune(w, h, pattern, blocksize=blocksize)
+    expected = slow_sparsegpt(w, h, pattern, blocksize=blocksize)
+    assert torch.equal(keep, expected != 0)
+    torch.testing.assert_close(pruned, expected, rtol=1e-4, atol=1e-5)
+    if pattern.is_nm:
+        assert nm_violations(pruned, pattern.n, pattern.m) == 0
+        assert int(keep.sum()) == w.numel() * pattern.n // pattern.m
+
+
+def test_sparsegpt_dead_inputs_are_zeroed():
+    w, x = _weights_and_inputs()
+    x[:, [3, 17]] = 0
+    pruned, _ = sparsegpt_prune(w, _hessian(x), SparsityPattern.parse("2:4"))
+    assert pruned[:, [3, 17]].abs().sum() == 0
+    assert nm_violations(pruned, 2, 4) == 0
+
+
+def test_sparsegpt_beats_wanda_beats_magnitude_on_correlated_inputs():
+    w, x = _weights_and_inputs(rows=64, cols=128, tokens=512)
+    pattern = SparsityPattern.parse("2:4")
+    stats = RunningMean(torch.zeros(x.shape[1]))
+    accumulate_row_scalars(stats, x.unsqueeze(0))
+
+    def error(pruned):
+        return float((x @ (w - pruned).T).square().sum() / (x @ w.T).square().sum())
+
+    errors = [error(p) for p, _ in (sparsegpt_prune(w, _hessian(x), pattern), wanda_prune(w, stats.value, pattern))]
+    errors.append(error(magnitude_prune(w, pattern)[0]))
+    assert errors[0] < errors[1] < errors[2], errors
+
+
+def test_inverse_factor_retries_with_more_damping(caplog):
+    h = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # eigenvalues -2 and 4: dampings 0.01, 0.1 and 1 fail, 10 works
+    with caplog.at_level(logging.WARNING):
+        u = inverse_hessian_factor(h, 0.01)
+    assert "not positive definite" in caplog.text
+    damped = torch.linalg.inv(u.T @ u)  # = H + damp * I for the damping that worked
+    torch.testing.assert_close(damped, h + 10 * torch.eye(2))
+    assert caplog.text.count("not positive definite") == 3
+    assert torch.equal(u, u.triu())
+
+
+def test_inverse_factor_is_upper_cholesky_of_inverse():
+    _, x = _weights_and_inputs()
+    h = _hessian(x)
+    u = inverse_hessian_factor(h, 0.01)
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0])
+    torch.testing.assert_close(u.T.double() @ u.double(), torch.linalg.inv(damped.double()), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"blocksize": 0}, "blocksize must be a positive integer"),
+        ({"blocksize": 2.5}, "blocksize must be a positive integer"),
+        ({"percdamp": -0.1}, "percdamp must be a positive number"),
+        ({"blocksize": 130}, "not a multiple of M=4"),
+        ({"dampening": 0.1}, "Unknown option"),
+    ],
+)
+def test_sparsegpt_options_are_validated(options, message):
+    with pytest.raises(ValueError, match=message):
+        SparsityConfig(method="sparsegpt", pattern="2:4", method_options=options)
+
+
+def test_sparsegpt_options_defaults_match_reference():
+    assert SparseGPTOptions() == SparseGPTOptions(blocksize=128, percdamp=0.01)
+    SparsityConfig(method="sparsegpt", sparsity=0.5, method_options={"blocksize": 130})  # no M to divide
