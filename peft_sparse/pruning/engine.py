@@ -22,8 +22,9 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -287,7 +288,9 @@ def _exact_fp32_matmul() -> Iterator[None]:
 def _batches_to(batches: list[Batch] | None, device: torch.device) -> list[Batch] | None:
     if batches is None:
         return None
-    return [Batch(_to_device(b.hidden, device), _to_device(b.args, device), _to_device(b.kwargs, device)) for b in batches]
+    return [
+        Batch(_to_device(b.hidden, device), _to_device(b.args, device), _to_device(b.kwargs, device)) for b in batches
+    ]
 
 
 def run(model: nn.Module, config: SparsityConfig, plan: Plan, calibration: torch.Tensor | None) -> PruneReport:

@@ -162,7 +162,7 @@ def prune_with_inverse(
 def sparsegpt_prune(
     weight: torch.Tensor, hessian: torch.Tensor, pattern: SparsityPattern, blocksize: int = 128, percdamp: float = 0.01
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (pruned and compensated fp32 weight, keep mask) for an ``(out, in)`` weight and its ``(in, in)`` Hessian."""
+    """(pruned and compensated fp32 weight, keep mask) for an ``(out, in)`` weight and its ``(in, in)`` Hessian."""
     return prune_with_inverse(weight, *prepare_hessian(hessian, percdamp), pattern, blocksize)
 
 
