@@ -99,7 +99,7 @@ def test_sparse_adamw_matches_reference_and_adamw(lam):
     mask = nm_mask(w0.abs(), 2, 4)
     grads = [torch.randn(4, 8) for _ in range(3)]
     param = nn.Parameter(w0.clone())
-    opt = SparseAdamW([param], masks={param: mask}, lr=0.1, weight_decay=0.01, srste_decay=lam)
+    opt = SparseAdamW([param], masks={param: lambda: mask}, lr=0.1, weight_decay=0.01, srste_decay=lam)
     for g in grads:
         param.grad = g.clone()
         opt.step()
@@ -117,7 +117,7 @@ def test_decoupled_decay_shrinks_only_pruned_weights():
     w0 = torch.randn(4, 8)
     mask = nm_mask(w0.abs(), 2, 4)
     param = nn.Parameter(w0.clone())
-    opt = SparseAdamW([param], masks={param: mask}, lr=0.01, srste_decay=1e-3)
+    opt = SparseAdamW([param], masks={param: lambda: mask}, lr=0.01, srste_decay=1e-3)
     param.grad = torch.zeros_like(w0)
     opt.step()
     after = param.detach()

@@ -17,6 +17,8 @@ With ``λ = 0`` or no mask the step is exactly :class:`torch.optim.AdamW`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 
 
@@ -25,14 +27,15 @@ class SparseAdamW(torch.optim.Optimizer):
 
     Args:
         params: parameters or groups, as for :class:`torch.optim.AdamW`.
-        masks: maps a parameter to its live keep-mask tensor (``True`` = kept); the trainer updates masks in place.
+        masks: maps a parameter to a function returning its current keep-mask (``True`` = kept). A function, not a
+            tensor, because wrappers (DDP, ``Module.to``) may replace a layer's mask buffer by a new tensor.
         srste_decay: initial decay; :class:`SparseTrainer` sets ``group["srste_decay"]`` every step (annealing).
     """
 
     def __init__(
         self,
         params,
-        masks: dict[torch.Tensor, torch.Tensor],
+        masks: Mapping[torch.Tensor, Callable[[], torch.Tensor]],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -42,7 +45,8 @@ class SparseAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, srste_decay=srste_decay)
         super().__init__(params, defaults)
         self.masks = masks
-        for param, mask in masks.items():
+        for param, mask_fn in masks.items():
+            mask = mask_fn()
             if param.shape != mask.shape:
                 raise ValueError(
                     f"SparseAdamW needs whole (unsharded) parameters, got shape {tuple(param.shape)} for a "
@@ -72,10 +76,10 @@ class SparseAdamW(torch.optim.Optimizer):
         step = state["step"].item()
         grad, exp_avg, exp_avg_sq = param.grad, state["exp_avg"], state["exp_avg_sq"]
 
-        mask = self.masks.get(param)
+        mask_fn = self.masks.get(param)
         decay = None
-        if mask is not None and group["srste_decay"]:
-            decay = param.masked_fill(mask, 0).mul_(group["srste_decay"])
+        if mask_fn is not None and group["srste_decay"]:
+            decay = param.masked_fill(mask_fn(), 0).mul_(group["srste_decay"])
         param.mul_(1 - group["lr"] * group["weight_decay"])
         exp_avg.lerp_(grad, 1 - beta1)
         full_grad = grad if decay is None else grad + decay

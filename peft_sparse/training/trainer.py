@@ -83,7 +83,7 @@ class SparseTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self._decoupled_decay:
-            masks = {layer.weight: layer.sparse_mask for layer in self.sparse_layers.values()}
+            masks = {layer.weight: _mask_getter(layer) for layer in self.sparse_layers.values()}
             kwargs = dict(lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
                           eps=self.args.adam_epsilon, masks=masks)
             if self.args.optim not in ("adamw_torch", "adamw_torch_fused"):
@@ -218,6 +218,10 @@ class SparseTrainer(Trainer):
         self.sparse_layers = {}
         if output_dir is not None:
             self.save_model(output_dir)
+
+
+def _mask_getter(layer: nn.Module):
+    return lambda: layer.sparse_mask
 
 
 def _check_inputs(model, args, teacher, kwargs) -> None:
