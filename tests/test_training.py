@@ -289,3 +289,30 @@ def test_flip_series_reads_trainer_state(tmp_path):
     pytest.importorskip("matplotlib")
     plot_flip_rates({"run": path}, tmp_path / "flips.png")
     assert (tmp_path / "flips.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ast_boosted_trains_slorb_jointly_and_exports_base_plus_adapter(tmp_path):
+    from peft import PeftModel
+
+    trainer, recorder = train_tiny(tmp_path, slorb_k=16, finalize_at_end=False, max_steps=4)
+    model = trainer.model
+    assert isinstance(model, PeftModel)
+    S0 = {n: p.detach().clone() for n, p in model.named_parameters() if "slorb_S" in n}
+    layer = trainer.sparse_layers["model.layers.0.mlp.down_proj"]
+    expected_S = layer.weight.detach().masked_fill(layer.sparse_mask, 0).unflatten(-1, (-1, 16)).mean(-1)
+    torch.testing.assert_close(S0["base_model.model.model.layers.0.mlp.down_proj.slorb_S.default"], expected_S)
+    w0 = layer.weight.detach().clone()
+    trainer.train()
+    assert len(recorder.masks) == 4
+    assert all(not torch.equal(p, S0[n]) for n, p in model.named_parameters() if "slorb_S" in n)
+    assert not torch.equal(layer.weight, w0)  # dense base trains jointly
+    assert "model.layers.0.mlp.down_proj" in trainer.sparse_state_dict()["layers"]
+    x = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        logits = model(x).logits
+    trainer.finalize(str(tmp_path / "boosted"))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "boosted")
+    assert follows_nm(base.model.layers[0].mlp.down_proj.weight, 2, 4)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "boosted" / "slorb")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, logits)

@@ -12,6 +12,7 @@ MASK_METRICS = ("magnitude",)
 MASK_INITS = ("magnitude", "pruned")
 PRUNED_VALUES = ("zero", "teacher")
 SRSTE_PLACEMENTS = ("decoupled", "gradient")
+SLORB_INITS = ("mean", "zero", "xavier")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -45,6 +46,9 @@ class SparseTrainingArguments(TrainingArguments):
         pruned_values: with ``mask_init="pruned"``, the dense values the pruned weights restart from: ``"zero"`` or
             ``"teacher"`` (copied from the dense teacher so pruned knowledge can come back when masks flip).
         sparse_ignore: regular expressions of Linear module names to leave dense (the output embedding always is).
+        slorb_k: AST-Boosted: add SLoRB (section 4.4) with ``k`` inputs per group (rank n/k) to every sparse layer,
+            trained jointly with the dense weights; ``None`` (default) is AST-Naive.
+        slorb_init: SLoRB initialisation: ``"mean"`` of the pruned weights per group (paper), ``"zero"``, ``"xavier"``.
         finalize_at_end: hard-prune the weights to the final mask at the end of :meth:`SparseTrainer.train`, so
             ``save_model`` writes an exactly N:M model that loads in plain transformers.
     """
@@ -63,6 +67,8 @@ class SparseTrainingArguments(TrainingArguments):
     mask_init: str = field(default="magnitude", metadata={"help": f"Initial mask, one of {MASK_INITS}."})
     pruned_values: str = field(default="zero", metadata={"help": f"Restart values of pruned weights {PRUNED_VALUES}."})
     sparse_ignore: list[str] = field(default_factory=list, metadata={"help": "Module-name regexes left dense."})
+    slorb_k: int | None = field(default=None, metadata={"help": "AST-Boosted: SLoRB group size k (e.g. 16)."})
+    slorb_init: str = field(default="mean", metadata={"help": f"SLoRB init, one of {SLORB_INITS}."})
     finalize_at_end: bool = field(default=True, metadata={"help": "Hard-prune to the final mask after train()."})
 
     def __post_init__(self) -> None:
@@ -92,6 +98,10 @@ class SparseTrainingArguments(TrainingArguments):
                 "pruned_values='teacher' restores the pruned entries of an already pruned model; "
                 "set mask_init='pruned' as well (with mask_init='magnitude' the dense weights are already there)."
             )
+        _check_choice("slorb_init", self.slorb_init, SLORB_INITS)
+        if self.slorb_k is not None and (isinstance(self.slorb_k, bool) or not isinstance(self.slorb_k, int)
+                                         or self.slorb_k < 2):
+            raise ValueError(f"slorb_k must be an integer >= 2 dividing the layer widths (paper: 16-64), got {self.slorb_k!r}.")
         if isinstance(self.sparse_ignore, str):
             raise TypeError("sparse_ignore is a list of regular expressions, not a single string.")
 

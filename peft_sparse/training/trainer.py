@@ -15,12 +15,14 @@ the schedule step is the Trainer's ``global_step``. :meth:`SparseTrainer.finaliz
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..sparsity import nm_violations, validate_nm
@@ -39,9 +41,10 @@ class SparseTrainer(Trainer):
     """Retrain a dense (or one-shot pruned) model into an N:M sparse one (AST-Naive; AST-Boosted with SLoRB).
 
     Args:
-        model: the student; its Linear layers (except the output embedding and ``args.sparse_ignore``) are trained
-            dense behind an ``W ⊙ m`` forward. A :class:`peft.PeftModel` with SLoRB adapters works too (AST-Boosted):
-            unfreeze the base layers' weights so they train jointly with the adapters.
+        model: the student (a plain transformers model, dense or pruned by :func:`peft_sparse.prune`); its Linear
+            layers (except the output embedding and ``args.sparse_ignore``) train dense behind a ``W ⊙ m`` forward.
+            With ``args.slorb_k`` (AST-Boosted) the trainer wraps it in a SLoRB :class:`peft.PeftModel` whose
+            adapters are mean-initialised from the initial masks and train jointly with the dense weights.
         args: :class:`SparseTrainingArguments`.
         teacher: frozen dense teacher (a model or a path) for the KL term; kept in eval mode on the student's device,
             never trained and never saved.
@@ -51,35 +54,12 @@ class SparseTrainer(Trainer):
     def __init__(self, model: nn.Module | None = None, args: SparseTrainingArguments | None = None, *,
                  teacher: nn.Module | str | None = None, **kwargs):
         _check_inputs(model, args, teacher, kwargs)
+        self.teacher = _prepare_teacher(teacher, model, args.device)
+        self.sparse_layers = _attach_sparse_layers(model, args, self.teacher)
+        if args.slorb_k is not None:
+            model = _add_slorb(model, self.sparse_layers, args)
         super().__init__(model=model, args=args, **kwargs)
-        self.teacher = self._prepare_teacher(teacher)
-        self.sparse_layers = self._attach_sparse_layers()
         self._prepared_step = -1
-
-    # ---- setup ----
-
-    def _prepare_teacher(self, teacher: nn.Module | str | None) -> nn.Module | None:
-        if teacher is None:
-            return None
-        if isinstance(teacher, (str, os.PathLike)):
-            teacher = AutoModelForCausalLM.from_pretrained(teacher, dtype=self.model.dtype)
-        return teacher.requires_grad_(False).eval().to(self.args.device)
-
-    def _attach_sparse_layers(self) -> dict[str, nn.Module]:
-        pattern = self.args.pattern
-        if self.args.mask_init == "pruned":
-            _check_pruned(self.model, pattern, self.args.sparse_ignore)
-        layers = attach_sparse_layers(self.model, pattern, self.args.sparse_ignore, not self.args.frozen_mask)
-        if self.args.pruned_values == "teacher":
-            _restore_pruned_values(layers, self.teacher)
-        if self.args.frozen_mask:
-            with torch.no_grad():
-                for layer in layers.values():
-                    layer.weight.mul_(layer.sparse_mask)
-        frozen = [name for name, layer in layers.items() if not layer.weight.requires_grad]
-        if frozen:
-            logger.warning("%d sparse layers have frozen weights (e.g. %s); they will not train.", len(frozen), frozen[0])
-        return layers
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self._decoupled_decay:
@@ -171,19 +151,31 @@ class SparseTrainer(Trainer):
 
     # ---- checkpoints and export ----
 
-    def sparse_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {
+    def sparse_state_dict(self) -> dict:
+        """Masks, plus (with SLoRB) the trainable base parameters a PEFT checkpoint does not hold."""
+        state = {
             name: {"mask": layer.sparse_mask.cpu(), "initial_mask": layer.initial_mask.cpu()}
             for name, layer in self.sparse_layers.items()
         }
+        return {"layers": state, "base_parameters": {name: p.detach().cpu() for name, p in self._base_parameters()}}
 
-    def load_sparse_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        missing = sorted(set(self.sparse_layers) - set(state))
+    def load_sparse_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.sparse_layers) - set(state["layers"]))
         if missing:
             raise ValueError(f"Sparse checkpoint lacks masks for {len(missing)} layers, e.g. {missing[0]!r}.")
         for name, layer in self.sparse_layers.items():
-            layer.sparse_mask.copy_(state[name]["mask"])
-            layer.initial_mask.copy_(state[name]["initial_mask"])
+            layer.sparse_mask.copy_(state["layers"][name]["mask"])
+            layer.initial_mask.copy_(state["layers"][name]["initial_mask"])
+        with torch.no_grad():
+            for name, param in self._base_parameters():
+                param.copy_(state["base_parameters"][name])
+
+    def _base_parameters(self):
+        """Trainable non-adapter parameters of a PeftModel student (nothing for a plain model: its save has them)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, PeftModel):
+            return []
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad and "slorb_" not in n]
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -207,8 +199,9 @@ class SparseTrainer(Trainer):
     def finalize(self, output_dir: str | None = None) -> None:
         """Hard-prune every sparse layer to its current mask and restore plain modules; save if ``output_dir``.
 
-        Afterwards the model is an ordinary transformers model whose weights are exactly N:M, so ``save_model`` /
-        ``save_pretrained`` write a checkpoint that loads without peft_sparse.
+        Afterwards the weights are exactly N:M in ordinary transformers modules, so the saved checkpoint loads without
+        peft_sparse. With SLoRB (AST-Boosted) ``output_dir`` gets the N:M base model and ``output_dir/slorb`` the
+        adapter (``PeftModel.from_pretrained(base, output_dir + "/slorb")`` after ``import peft_sparse``).
         """
         pattern = self.args.pattern
         for name, layer in self.sparse_layers.items():
@@ -216,8 +209,49 @@ class SparseTrainer(Trainer):
             if pattern.is_nm:
                 validate_nm(grouped_weight(layer), pattern.n, pattern.m, name)
         self.sparse_layers = {}
-        if output_dir is not None:
+        if output_dir is None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PeftModel):
+            model.save_pretrained(os.path.join(output_dir, "slorb"))
+            copy.deepcopy(model).unload().save_pretrained(output_dir)
+        else:
             self.save_model(output_dir)
+
+
+def _prepare_teacher(teacher: nn.Module | str | None, student: nn.Module, device) -> nn.Module | None:
+    if teacher is None:
+        return None
+    if isinstance(teacher, (str, os.PathLike)):
+        teacher = AutoModelForCausalLM.from_pretrained(teacher, dtype=student.dtype)
+    return teacher.requires_grad_(False).eval().to(device)
+
+
+def _attach_sparse_layers(model: nn.Module, args: SparseTrainingArguments, teacher) -> dict[str, nn.Module]:
+    """Swap the targets to masked layers with their initial masks (magnitude, or the given pruned structure)."""
+    pattern = args.pattern
+    if args.mask_init == "pruned":
+        _check_pruned(model, pattern, args.sparse_ignore)
+    layers = attach_sparse_layers(model, pattern, args.sparse_ignore, not args.frozen_mask)
+    if args.pruned_values == "teacher":
+        _restore_pruned_values(layers, teacher)
+    if args.frozen_mask:
+        with torch.no_grad():
+            for layer in layers.values():
+                layer.weight.mul_(layer.sparse_mask)
+    frozen = [name for name, layer in layers.items() if not layer.weight.requires_grad]
+    if frozen:
+        logger.warning("%d sparse layers have frozen weights (e.g. %s); they will not train.", len(frozen), frozen[0])
+    return layers
+
+
+def _add_slorb(model: nn.Module, layers: dict[str, nn.Module], args: SparseTrainingArguments) -> PeftModel:
+    """AST-Boosted: SLoRB on every sparse layer, mean-initialised from its initial mask, trained with the base."""
+    from ..tuners import SLoRBConfig, get_slorb_model  # lazy: the tuners register themselves with peft
+
+    config = SLoRBConfig(k=args.slorb_k, init=args.slorb_init, pattern=None, prune_base=False, trainable_base=True,
+                         target_modules=list(layers))
+    return get_slorb_model(model, config, masks={name: layer.sparse_mask for name, layer in layers.items()})
 
 
 def _mask_getter(layer: nn.Module):
