@@ -1,0 +1,269 @@
+"""``peft-sparse``: a thin command line over the library (prune, eval, demo).
+
+Every argument is validated (the ``SparsityConfig`` is built, input files are checked, the output directory is
+checked) before a model is loaded, and user errors end with a one-line message and exit status 2. Outputs are
+written atomically: a checkpoint is built in a temporary sibling directory and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import SparsityConfig
+from .data.sources import EMBEDDED, HUB_DATASETS, check_local_file, is_local_source
+from .pruning.registry import PRUNERS, get_pruner
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+SAVE_FORMATS = ("dense",)  # room for a packed 2:4 format
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="hub id, local model directory, path to a .gguf file, or 'smollm2' (offline demo model)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default float32)")
+
+
+def _add_prune_parser(commands) -> None:
+    parser = commands.add_parser("prune", help="one-shot prune a model and save a plain transformers checkpoint")
+    _add_model_args(parser)
+    parser.add_argument("--method", choices=sorted(PRUNERS), default="wanda", help="pruning method (default wanda)")
+    parser.add_argument("--pattern", help="N:M pattern, N kept of every M input weights (default 2:4)")
+    parser.add_argument("--sparsity", type=float, help="unstructured ratio of zeros instead of --pattern, e.g. 0.5")
+    parser.add_argument("--sparsity-scope", choices=("row", "layer"), default="row",
+                        help="unstructured only: rank weights per output row or per layer (default row)")
+    parser.add_argument("--calibration", default=EMBEDDED,
+                        help=f"'embedded' (built-in offline text, default), {' or '.join(HUB_DATASETS)} (Hub), "
+                        "or a local .txt/.raw/.jsonl file")
+    parser.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")
+    parser.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration window")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    parser.add_argument("--targets", nargs="+", metavar="REGEX", help="module-name regexes to prune (default: "
+                        "every linear layer inside the decoder blocks)")
+    parser.add_argument("--ignore", nargs="+", default=[], metavar="REGEX", help="module-name regexes to keep dense")
+    parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="method option, repeatable, e.g. --option blocksize=128 --option percdamp=0.01")
+    parser.add_argument("--output", required=True, help="output directory (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    parser.add_argument("--save-format", choices=SAVE_FORMATS, default="dense",
+                        help="dense: plain checkpoint with exact zeros, loadable by any transformers")
+    parser.set_defaults(handler=run_prune)
+
+
+def _add_eval_parser(commands) -> None:
+    parser = commands.add_parser("eval", help="perplexity on non-overlapping windows of a text")
+    _add_model_args(parser)
+    parser.add_argument("--data", default=EMBEDDED,
+                        help="'embedded' (built-in held-out text, default), wikitext2 (Hub test split), "
+                        "or a local .txt/.raw/.jsonl file")
+    parser.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--max-windows", type=_positive_int, default=64, help="score only the first windows")
+    parser.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
+    parser.add_argument("--output", help="write the result as JSON to this file")
+    parser.set_defaults(handler=run_eval)
+
+
+def _add_demo_parser(commands) -> None:
+    parser = commands.add_parser(
+        "demo", help="SmolLM2-135M: dense perplexity, 2:4 Wanda prune, sparse perplexity (offline after one download)"
+    )
+    parser.add_argument("--method", choices=sorted(PRUNERS), default="wanda", help="pruning method (default wanda)")
+    parser.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
+    parser.add_argument("--nsamples", type=_positive_int, default=16, help="calibration windows (default 16)")
+    parser.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per window (default 256)")
+    parser.add_argument("--max-windows", type=_positive_int, default=16, help="evaluation windows (default 16)")
+    parser.add_argument("--cache-dir", help="SmolLM2 cache (default ~/.cache/peft_sparse/smollm2)")
+    parser.add_argument("--output", help="write the results as JSON to this file")
+    parser.set_defaults(handler=run_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peft-sparse", description="N:M (2:4) sparsity for Hugging Face causal LMs: prune, evaluate, demo."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prune_parser(commands)
+    _add_eval_parser(commands)
+    _add_demo_parser(commands)
+    return parser
+
+
+def _check_source(source: str, what: str) -> None:
+    """Fail early on a missing or unsupported local file; dataset names are resolved later."""
+    if source in (EMBEDDED, *HUB_DATASETS):
+        return
+    if not is_local_source(source):
+        raise ValueError(f"Unknown {what} {source!r}: use {EMBEDDED!r}, {' or '.join(HUB_DATASETS)}, or a file path.")
+    check_local_file(source)
+
+
+def _check_output(output: str, overwrite: bool) -> Path:
+    path = Path(output).expanduser()
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"Output {output!r} exists and is not a directory; choose another --output.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"Output directory {output!r} is not empty; pass --overwrite or choose another.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``target``; on success it replaces ``target``, on error it is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield staging
+        staging.chmod(0o755)
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # no-op after a successful rename
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` as JSON via a temporary file so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w") as out:
+        json.dump(payload, out, indent=2, sort_keys=True)
+        out.write("\n")
+    os.chmod(partial, 0o644)
+    os.replace(partial, path)
+
+
+def load_model(name: str, dtype: torch.dtype):
+    """``name`` through :func:`load_model_and_tokenizer`; ``"smollm2"`` (unless a local path) is the demo model."""
+    from .models import SMOLLM2_NAME, load_model_and_tokenizer, smollm2
+
+    if name == SMOLLM2_NAME and not Path(name).exists():
+        model, tokenizer = smollm2()
+        return model.to(dtype), tokenizer
+    return load_model_and_tokenizer(name, dtype=dtype)
+
+
+def run_prune(args: argparse.Namespace) -> None:
+    from . import prune
+
+    config = SparsityConfig(
+        method=args.method, pattern=args.pattern, sparsity=args.sparsity, sparsity_scope=args.sparsity_scope,
+        targets=args.targets, ignore=args.ignore, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        method_options=dict(args.option),
+    )
+    _check_source(args.calibration, "calibration source")
+    output = _check_output(args.output, args.overwrite)
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+    calibration = args.calibration if get_pruner(config.method).needs_data else None  # magnitude: data-free
+    report = prune(model, config, calibration=calibration, tokenizer=tokenizer)
+    with atomic_directory(output) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        summary = {"model": args.model, "calibration": args.calibration, "save_format": args.save_format}
+        _write_json(staging / "prune_report.json", {**summary, "config": config.to_dict(), **report.to_dict()})
+    print(f"Pruned {args.model} ({args.method}, {config.sparsity_pattern}) -> {output}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .evaluation import perplexity
+
+    _check_source(args.data, "evaluation data")
+    output = _check_output_file(args.output)
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+    result = perplexity(model, tokenizer, args.data, args.seqlen, args.max_windows, args.batch_size)
+    print(f"ppl {result.ppl:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.seconds:.1f} s)")
+    if output is not None:
+        _write_json(output, {"model": args.model, "data": args.data, **result.to_dict()})
+
+
+def _check_output_file(output: str | None) -> Path | None:
+    if output is None:
+        return None
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"--output {output!r} is a directory; give a .json file path.")
+    return path
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    """A plain fixed-width text table (floats with 2 decimals)."""
+    cells = [header] + [tuple(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in
+                       enumerate(zip(row, widths))) for row in cells]
+    return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:])
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from . import prune
+    from .evaluation import perplexity
+    from .models import smollm2
+
+    config = SparsityConfig(method=args.method, pattern=args.pattern, nsamples=args.nsamples, seqlen=args.seqlen)
+    output = _check_output_file(args.output)
+    start = time.perf_counter()
+    model, tokenizer = smollm2(args.cache_dir)
+    load_s = time.perf_counter() - start
+    dense = perplexity(model, tokenizer, EMBEDDED, args.seqlen, args.max_windows)
+    start = time.perf_counter()
+    report = prune(model, config, calibration=EMBEDDED, tokenizer=tokenizer)
+    prune_s = time.perf_counter() - start
+    sparse = perplexity(model, tokenizer, EMBEDDED, args.seqlen, args.max_windows)
+    print(f"SmolLM2-135M-Instruct on the embedded held-out text ({dense.windows} windows x {args.seqlen} tokens); "
+          f"calibration: {args.nsamples} x {args.seqlen} tokens; model load {load_s:.1f} s")
+    print(format_table(("model", "ppl", "eval s", "prune s"), [
+        ("dense", dense.ppl, dense.seconds, "-"),
+        (f"{config.sparsity_pattern} {args.method}", sparse.ppl, sparse.seconds, prune_s),
+    ]))
+    if output is not None:
+        _write_json(output, {"config": config.to_dict(), "load_seconds": load_s, "prune_seconds": prune_s,
+                             "dense": dense.to_dict(), "sparse": sparse.to_dict(), "report": report.to_dict()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.handler(args)
+    except USER_ERRORS as error:
+        print(f"peft-sparse {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
