@@ -20,3 +20,9 @@ from .prune import prune  # noqa: E402
 from .pruning.report import PruneReport  # noqa: E402
 
 __all__ += ["PruneReport", "prune"]
+
+from .data import embedded_text, load_calibration  # noqa: E402
+from .evaluation import PerplexityResult, perplexity  # noqa: E402
+from .models import load_model_and_tokenizer, smollm2  # noqa: E402
+
+__all__ += ["PerplexityResult", "embedded_text", "load_calibration", "load_model_and_tokenizer", "perplexity", "smollm2"]
