@@ -7,8 +7,9 @@ Design (as in the Wanda and SparseGPT papers, without their hard-coded ``model.m
   captured by a forward pre-hook that stops the forward, one batch of samples at a time, so the kwargs always match
   the batch they were captured with;
 * per block: pass 1 forwards every sample through the dense block while hooks feed each target's inputs to the
-  pruner's statistics; every target is pruned; pass 2 forwards again through the pruned block to produce the next
-  block's inputs. Only one block's activations and statistics are alive at a time;
+  pruner's statistics (stopping as soon as every target has seen its input); every target is pruned; pass 2
+  forwards again through the pruned block to produce the next block's inputs. Only one block's activations and
+  statistics are alive at a time;
 * targets fed the very same input tensor (q/k/v, gate/up) share one set of statistics (exact, and it halves the
   SparseGPT Hessian work);
 * with CUDA available and the model on CPU, each block visits the GPU in turn (how a 70B is pruned on one GPU).
@@ -196,14 +197,20 @@ def forward_block(block: nn.Module, batches: list[Batch]) -> list[Batch]:
 
 @dataclass
 class _Observer:
-    """Pass-1 forward hooks: feed each target's inputs to the pruner and keep what the report needs."""
+    """Pass-1 forward pre-hooks: feed each target's inputs to the pruner and keep what the report needs.
+
+    Once every target of the block has seen its input the forward stops: the rest of pass 1 (at least the last
+    projection's matmul) would be thrown away, since pass 2 recomputes the block's output with the pruned weights.
+    """
 
     pruner: Pruner
+    targets: list[_Target]
     first_batch: bool = True
+    pending: set[str] = field(default_factory=set)
     seen: list[tuple[torch.Tensor, _Target]] = field(default_factory=list)  # holds inputs alive: no id reuse
 
     def hook(self, target: _Target) -> Any:
-        def observe(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        def observe(module: nn.Module, args: tuple[Any, ...]) -> None:
             inp = args[0]
             if self.first_batch:
                 target.owner = next((t for x, t in self.seen if x is inp), None)
@@ -214,19 +221,27 @@ class _Observer:
                     target.stats = self.pruner.new_stats(inp.shape[-1], inp.device)
             if target.owner is None and self.pruner.needs_data:
                 self.pruner.accumulate(target.stats, inp)
+            self.pending.discard(target.name)
+            if not self.pending:
+                raise _StopForward
 
         return observe
+
+    def forward(self, block: nn.Module, batch: Batch) -> None:
+        self.pending = {target.name for target in self.targets}
+        with contextlib.suppress(_StopForward):
+            block(batch.hidden, *batch.args, **batch.kwargs)
+        self.first_batch = False
+        self.seen.clear()
 
 
 def _collect_statistics(block: nn.Module, targets: list[_Target], pruner: Pruner, batches: list[Batch]) -> None:
     """Pass 1: forward every batch through the (still dense) block with the observers attached."""
-    observer = _Observer(pruner)
-    handles = [target.module.register_forward_hook(observer.hook(target)) for target in targets]
+    observer = _Observer(pruner, targets)
+    handles = [target.module.register_forward_pre_hook(observer.hook(target)) for target in targets]
     try:
         for batch in batches:
-            block(batch.hidden, *batch.args, **batch.kwargs)
-            observer.first_batch = False
-            observer.seen.clear()
+            observer.forward(block, batch)
     finally:
         for handle in handles:
             handle.remove()
