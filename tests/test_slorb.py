@@ -59,7 +59,8 @@ def test_zero_init_is_the_pruned_model_and_prune_base_false_keeps_dense():
     ids = token_batch()
     pruned = tiny_llama(pruned=True)
     reference = pruned(ids).logits
-    model = get_peft_model(tiny_llama(pruned=False), SLoRBConfig(k=K, init="zero", target_modules=["q_proj", "up_proj"]))
+    config = SLoRBConfig(k=K, init="zero", target_modules=["q_proj", "up_proj"])
+    model = get_peft_model(tiny_llama(pruned=False), config)
     for name in ("q_proj", "up_proj"):
         layer = getattr(model.base_model.model.model.layers[0], "self_attn" if name == "q_proj" else "mlp")
         assert follows_nm(getattr(layer, name).get_base_weight(), 2, 4)

@@ -32,16 +32,32 @@ def _proj_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_blocked_forward_matches_slow_reference_values_and_grads():
     torch.manual_seed(0)
     weight = torch.randn(12, 8, dtype=torch.float64)
-    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     alpha = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     beta = torch.randn(12, 1, dtype=torch.float64, requires_grad=True)
-    reference = x @ _slow_spp_weight(weight, alpha.detach(), beta.detach()).T
+    reference = x.detach() @ _slow_spp_weight(weight, alpha.detach(), beta.detach()).T
     blocked = spp_delta_blocked(x, weight, alpha, beta)
     torch.testing.assert_close(blocked, reference)
-    grads_blocked = torch.autograd.grad(blocked.square().sum(), (alpha, beta))
-    grads_naive = torch.autograd.grad(spp_delta_naive(x, weight, alpha, beta).square().sum(), (alpha, beta))
+    grads_blocked = torch.autograd.grad(blocked.square().sum(), (x, alpha, beta))
+    grads_naive = torch.autograd.grad(spp_delta_naive(x, weight, alpha, beta).square().sum(), (x, alpha, beta))
     for got, want in zip(grads_blocked, grads_naive):
         torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda *t: spp_delta_blocked(t[0], weight, *t[1:]), (x, alpha, beta))
+
+
+def test_blocked_backward_saves_no_per_block_activations():
+    weight = torch.randn(64, 32)
+    x = torch.randn(100, 32)
+    alpha, beta = torch.randn(16, 32, requires_grad=True), torch.randn(64, 1, requires_grad=True)
+    saved: list[int] = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        spp_delta_blocked(x, weight, alpha, beta)
+    assert sum(saved) == x.numel() + weight.numel() + alpha.numel() + beta.numel()
 
 
 def test_identity_at_init_and_disable_adapter():
@@ -176,7 +192,9 @@ def test_sft_trainer_trains_spp(tmp_path):
     words = [f"w{i}" for i in range(VOCAB - 2)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<eos>", *words])}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
+    )
     texts = [" ".join(words[(7 * i + j) % len(words)] for j in range(12)) for i in range(8)]
     model = get_peft_model(tiny_llama(), SPPConfig(r=8))
     args = SFTConfig(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -11,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...sparsity import SparsityPattern, apply_mask, pattern_mask
+from .._base import AdapterLinearMixin
 from .._weights import check_supported, from_out_in, out_in_weight
 from .config import SLoRBConfig
 
@@ -96,7 +96,7 @@ class SLoRBLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
 
-class SLoRBLinear(nn.Module, SLoRBLayer):
+class SLoRBLinear(AdapterLinearMixin, nn.Module, SLoRBLayer):
     """SLoRB on ``nn.Linear`` or GPT-2 ``Conv1D``. Merging densifies W, so it is refused unless asked for."""
 
     def __init__(
@@ -128,30 +128,14 @@ class SLoRBLinear(nn.Module, SLoRBLayer):
             self.set_base_weight(merged.to(weight.dtype))
             self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.slorb_S:
-                weight = self.get_base_weight()
-                self.set_base_weight((weight.float() - self.get_delta_weight(name).float()).to(weight.dtype))
+    def unmerge_one(self, name: str) -> None:
+        weight = self.get_base_weight()
+        self.set_base_weight((weight.float() - self.get_delta_weight(name).float()).to(weight.dtype))
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for name in self.active_adapters:
-            if name not in self.slorb_S:
-                continue
-            S = self.slorb_S[name]
-            result = result + F.linear(slorb_group_sum(x.to(S.dtype), self.k[name]), S).to(result.dtype)
-        return result
+    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``group_sum_k(x) S^T``, computed in S's dtype (float32 unless cast)."""
+        S = self.slorb_S[name]
+        return F.linear(slorb_group_sum(x.to(S.dtype), self.k[name]), S)
 
     def __repr__(self) -> str:
         return "slorb." + super().__repr__()

@@ -8,9 +8,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 from peft import PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .._base import ReplacingTuner
 from .._weights import from_out_in
 from ..spp.model import TRANSFORMERS_MODELS_TO_SPP_TARGET_MODULES_MAPPING
 from .config import SLoRBConfig
@@ -27,7 +27,7 @@ def _mask_grad(mask: torch.Tensor):
     return hook
 
 
-class SLoRBModel(BaseTuner):
+class SLoRBModel(ReplacingTuner):
     """
     Sparse Low-Rank Boosting model, created with ``get_peft_model(model, SLoRBConfig(...))`` after
     ``import peft_sparse`` (or [`get_slorb_model`] to pass explicit masks).
@@ -37,26 +37,11 @@ class SLoRBModel(BaseTuner):
 
     prefix: str = "slorb_"
     tuner_layer_cls = SLoRBLayer
+    layer_cls = SLoRBLinear
     target_module_mapping = TRANSFORMERS_MODELS_TO_SPP_TARGET_MODULES_MAPPING
 
-    def _create_and_replace(
-        self,
-        slorb_config: SLoRBConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        mask = _PENDING_MASKS.get().get(current_key)
-        if isinstance(target, SLoRBLayer):
-            target.update_layer(adapter_name, slorb_config, mask=mask)
-            return
-        new_module = SLoRBLinear(target, adapter_name, slorb_config, mask=mask)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def layer_kwargs(self, current_key: str) -> dict[str, Any]:
+        return {"mask": _PENDING_MASKS.get().get(current_key)}
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)

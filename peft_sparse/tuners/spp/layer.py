@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .._base import AdapterLinearMixin
 from .._weights import check_supported, from_out_in, out_in_weight
 from .config import SPPConfig
 
@@ -25,16 +26,53 @@ def spp_delta_naive(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, 
     return F.linear(x, weight * spp_multiplier(alpha, beta, weight.shape[0]))
 
 
-def spp_delta_blocked(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """``x (W * M)^T`` in the block form of the paper's Eq. 7: ``concat_j (x * alpha_j) W_j^T``, then ``* beta``.
+def _block_product(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``concat_j (x * alpha_j) W_j^T`` (paper Eq. 7 without beta) as one batched matmul over the r row blocks.
 
-    W is split into r row blocks W_j (m/r x n), each scaled on its input side by row j of alpha. The r matmuls run
-    one after another on purpose: a batched version would hold an (tokens x r x n) temporary, r times the input
-    activation, while this keeps the transient at one block and saves only x and the (tokens x m) output for backward.
+    The transient ``x * alpha`` is (tokens x r x n); it is freed right away, never kept for backward.
     """
     blocks = weight.unflatten(0, (alpha.shape[0], -1))
-    out = torch.cat([F.linear(x * a, w) for a, w in zip(alpha, blocks)], dim=-1)
-    return out * beta.squeeze(-1)
+    return torch.einsum("...rn,rjn->...rj", x.unsqueeze(-2) * alpha, blocks).flatten(-2)
+
+
+class _BlockedSPP(torch.autograd.Function):
+    """Eq. 7 with a hand-written backward that saves only x, alpha and beta (W is the frozen parameter).
+
+    Plain autograd would keep ``x * alpha`` (r copies of the activation) for backward. Here beta's gradient
+    recomputes the block product and alpha's and x's use weight-sized transients (``grad^T x`` and ``W * alpha``)
+    that live only inside this backward, so nothing larger than x is kept between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, alpha, beta)
+        return _block_product(x, weight, alpha) * beta.squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, alpha, beta = ctx.saved_tensors
+        r, n = alpha.shape
+        flat_x, flat_grad = x.reshape(-1, n), grad.reshape(-1, beta.shape[0])
+        grad_z = (flat_grad * beta.squeeze(-1)).unflatten(-1, (r, -1))  # (tokens, r, m/r)
+        blocks = weight.unflatten(0, (r, -1))
+        grad_x = grad_alpha = grad_beta = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_z.flatten(-2) @ (blocks * alpha.unsqueeze(1)).flatten(0, 1)).reshape(x.shape)
+        if ctx.needs_input_grad[2]:
+            grad_alpha = (torch.einsum("trj,tn->rjn", grad_z, flat_x) * blocks).sum(1)
+        if ctx.needs_input_grad[3]:
+            grad_beta = (flat_grad * _block_product(flat_x, weight, alpha)).sum(0).unsqueeze(-1)
+        return grad_x, None, grad_alpha, grad_beta
+
+
+def spp_delta_blocked(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``x (W * M)^T`` in the block form of the paper's Eq. 7, never building the (m x n) multiplier.
+
+    A trainable base weight needs W's gradient through this branch too, so it falls back to plain autograd.
+    """
+    if weight.requires_grad:
+        return _block_product(x, weight, alpha) * beta.squeeze(-1)
+    return _BlockedSPP.apply(x, weight, alpha, beta)
 
 
 class SPPLayer(BaseTunerLayer):
@@ -89,7 +127,7 @@ class SPPLayer(BaseTunerLayer):
         return (weight.float() * (self.merge_factor(adapter) - 1.0)).to(weight.dtype)
 
 
-class SPPLinear(nn.Module, SPPLayer):
+class SPPLinear(AdapterLinearMixin, nn.Module, SPPLayer):
     """SPP on ``nn.Linear`` or GPT-2 ``Conv1D``: ``Y = base(X) + s * Dropout(X) W'^T``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SPPConfig, **kwargs: Any) -> None:
@@ -120,37 +158,20 @@ class SPPLinear(nn.Module, SPPLayer):
             self.set_base_weight(merged.to(weight.dtype))
             self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
-        """Undo merges in reverse order by dividing by each factor (exact up to rounding where it is non-zero)."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self.spp_alpha:
-                continue
-            weight = self.get_base_weight()
-            factor = self.merge_factor(name)
-            safe_factor = torch.where(factor == 0, torch.ones_like(factor), factor)
-            self.set_base_weight((weight.float() / safe_factor).to(weight.dtype))
+    def unmerge_one(self, name: str) -> None:
+        """Divide by the adapter's factor (exact up to rounding where it is non-zero; zeroed weights stay zero)."""
+        weight = self.get_base_weight()
+        factor = self.merge_factor(name)
+        safe_factor = torch.where(factor == 0, torch.ones_like(factor), factor)
+        self.set_base_weight((weight.float() / safe_factor).to(weight.dtype))
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
+    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s * Dropout(x) W'^T`` in the base weight's dtype, block form unless ``memory_efficient=False``."""
         weight = out_in_weight(self.get_base_layer())
-        for name in self.active_adapters:
-            if name not in self.spp_alpha:
-                continue
-            delta = spp_delta_blocked if self.memory_efficient[name] else spp_delta_naive
-            x_drop = self.spp_dropout[name](x).to(weight.dtype)
-            alpha, beta = self.spp_alpha[name].to(weight.dtype), self.spp_beta[name].to(weight.dtype)
-            result = result + (self.scaling[name] * delta(x_drop, weight, alpha, beta)).to(result.dtype)
-        return result
+        delta = spp_delta_blocked if self.memory_efficient[name] else spp_delta_naive
+        x_drop = self.spp_dropout[name](x).to(weight.dtype)
+        alpha, beta = self.spp_alpha[name].to(weight.dtype), self.spp_beta[name].to(weight.dtype)
+        return self.scaling[name] * delta(x_drop, weight, alpha, beta)
 
     def __repr__(self) -> str:
         return "spp." + super().__repr__()

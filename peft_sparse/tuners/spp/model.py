@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from peft.tuners.tuners_utils import BaseTuner
-from torch import nn
-
-from .config import SPPConfig
+from .._base import ReplacingTuner
 from .layer import SPPLayer, SPPLinear
 
 _DECODER_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -24,7 +19,7 @@ TRANSFORMERS_MODELS_TO_SPP_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 }
 
 
-class SPPModel(BaseTuner):
+class SPPModel(ReplacingTuner):
     """
     Sparsity-Preserved PEFT model, created with ``peft.get_peft_model(model, SPPConfig(...))`` after
     ``import peft_sparse``.
@@ -40,22 +35,5 @@ class SPPModel(BaseTuner):
 
     prefix: str = "spp_"
     tuner_layer_cls = SPPLayer
+    layer_cls = SPPLinear
     target_module_mapping = TRANSFORMERS_MODELS_TO_SPP_TARGET_MODULES_MAPPING
-
-    def _create_and_replace(
-        self,
-        spp_config: SPPConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        if isinstance(target, SPPLayer):
-            target.update_layer(adapter_name, spp_config)
-            return
-        new_module = SPPLinear(target, adapter_name, spp_config)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)

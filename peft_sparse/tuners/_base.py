@@ -1,0 +1,66 @@
+"""What SPP and SLoRB layers and models share: the peft forward/unmerge skeleton and module replacement."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+
+class AdapterLinearMixin:
+    """peft's forward/unmerge protocol for a layer whose adapters live in ``adapter_layer_names[0]``.
+
+    Subclasses provide ``adapter_output(name, x)`` (the residual branch) and ``unmerge_one(name)``.
+    """
+
+    def adapters(self) -> nn.ParameterDict:
+        return getattr(self, self.adapter_layer_names[0])
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.adapters():
+                result = result + self.adapter_output(name, x).to(result.dtype)
+        return result
+
+    def unmerge(self) -> None:
+        """Undo merges in reverse order, one adapter at a time."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.adapters():
+                self.unmerge_one(name)
+
+
+class ReplacingTuner(BaseTuner):
+    """A BaseTuner that wraps each target in ``layer_cls`` (or adds an adapter to an existing wrapper)."""
+
+    layer_cls: type[nn.Module]
+
+    def layer_kwargs(self, current_key: str) -> dict[str, Any]:
+        """Extra keyword arguments for the layer of ``current_key`` (none by default)."""
+        return {}
+
+    def _create_and_replace(
+        self, config, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        kwargs = self.layer_kwargs(current_key)
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config, **kwargs)
+            return
+        new_module = self.layer_cls(target, adapter_name, config, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
