@@ -12,6 +12,7 @@ from conftest import TINY_ARCHS
 from peft_sparse import PruneReport, SparsityConfig, prune
 from peft_sparse.pruning import engine, get_pruner
 from peft_sparse.pruning.engine import capture_inputs, find_decoder_blocks, forward_block, is_prunable, weight_matrix
+from peft_sparse.pruning.magnitude import magnitude_prune
 from peft_sparse.sparsity import nm_violations
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -228,3 +229,13 @@ def test_unknown_architecture_is_named(tiny_model_factory):
     model.config.num_hidden_layers = 5
     with pytest.raises(ValueError, match="decoder blocks of model type 'llama'"):
         prune(model, SparsityConfig(method="magnitude"))
+
+
+def test_target_without_calibration_input_falls_back_to_magnitude(tiny_model_factory, caplog):
+    model = tiny_model_factory("llama")
+    unused = model.model.layers[0].mlp.up_proj
+    model.model.layers[0].mlp.forward = lambda x: model.model.layers[0].mlp.down_proj(x.repeat(1, 1, 2))  # skips up
+    expected = magnitude_prune(unused.weight.detach().clone(), SparsityConfig().sparsity_pattern)[0]
+    prune(model, _config("wanda", "2:4"), calibration=_ids(model))
+    assert "model.layers.0.mlp.up_proj received no calibration input" in caplog.text
+    assert torch.equal(unused.weight, expected)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .base import Pruner
+from .magnitude import magnitude_prune
 from .registry import get_pruner
 from .report import LayerReport, PruneReport
 
@@ -258,7 +259,11 @@ def _prune_target(target: _Target, pruner: Pruner, device: torch.device) -> Laye
     start = time.perf_counter()
     matrix = weight_matrix(target.module)
     dense = matrix.detach().to(device=device, dtype=torch.float32)
-    pruned, _ = pruner.prune(dense, target.shared_stats)
+    if pruner.needs_data and target.shared_stats is None:  # e.g. an MoE expert no calibration token reached
+        logger.warning("%s received no calibration input; pruning it by magnitude instead.", target.name)
+        pruned, _ = magnitude_prune(dense, pruner.pattern)
+    else:
+        pruned, _ = pruner.prune(dense, target.shared_stats)
     error = None if target.sample is None else reconstruction_error(target.sample, dense, pruned)
     matrix.copy_(pruned.to(matrix.dtype))  # after the error: ``dense`` may share storage with the weight
     sparsity = float((matrix == 0).sum()) / matrix.numel()
