@@ -16,6 +16,7 @@ from peft_sparse.pruning.sparsegpt import (
     accumulate_hessian,
     inverse_hessian_factor,
     sparsegpt_prune,
+    symmetric_gram,
 )
 from peft_sparse.pruning.wanda import accumulate_row_scalars, wanda_prune
 from peft_sparse.sparsity import nm_violations
@@ -158,6 +159,12 @@ def test_hessian_is_two_over_n_sum_xxt():
     expected = 2 / 8 * sum(s.T.double() @ s.double() for s in seqs)
     torch.testing.assert_close(stats.value.double(), expected, rtol=1e-5, atol=1e-4)
     assert stats.count == 8
+
+
+@pytest.mark.parametrize("width, parts", [(64, 4), (37, 4), (5, 8), (3, 1)])
+def test_symmetric_gram_equals_full_product(width, parts):
+    x = torch.randn(50, width, dtype=torch.float64)
+    torch.testing.assert_close(symmetric_gram(x, parts), x.T @ x)
 
 
 @pytest.mark.parametrize(

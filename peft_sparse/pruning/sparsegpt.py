@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 8  # columns solved together: 2^8 small systems per chunk are inverted once and shared by all rows
 _DAMP_RETRIES = 6
+_GRAM_PARTS = 4  # Hessian computed as 4 x 4 blocks, 10 of them: 38% fewer flops than a full X^T X
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,22 @@ class SparseGPTOptions:
             )
 
 
+def symmetric_gram(rows: torch.Tensor, parts: int = _GRAM_PARTS) -> torch.Tensor:
+    """``X^T X`` computing only its upper block triangle and mirroring it: (parts + 1) / (2 parts) of the flops."""
+    width = rows.shape[1]
+    size = -(-width // parts)
+    gram = rows.new_empty(width, width)
+    for start in range(0, width, size):
+        band = rows[:, start : start + size].t() @ rows[:, start:]
+        gram[start : start + size, start:] = band
+        gram[start + size :, start : start + size] = band[:, size:].t()
+    return gram
+
+
 def accumulate_hessian(stats: RunningMean, inp: torch.Tensor) -> None:
     """Fold a batch of inputs ``(..., in)`` into the running fp32 Hessian ``2/n sum X X^T``."""
     count, rows = sequences_and_rows(inp)
-    stats.add((rows.t() @ rows).mul_(2), count)
+    stats.add(symmetric_gram(rows).mul_(2), count)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
