@@ -1,0 +1,314 @@
+"""One-shot pruning benchmark: magnitude / Wanda / SparseGPT at 2:4 and 50% unstructured on SmolLM2-135M.
+
+Protocol (the issue's): calibration = 32 windows x 512 tokens drawn with seed 0 from the local C4 shard prefix
+(Wanda's ``get_c4`` sampling); evaluation = perplexity on the first 64 non-overlapping 512-token windows of
+WikiText-2 raw test. Every row runs in a fresh process (model loaded from the converted cache), so its peak RSS is
+its own. Per row: perplexity, pruning seconds (the ``prune`` call only), peak RSS during that call, and the time as
+a multiple of the *two-pass floor*, measured in the same run: capture the first block's inputs, then run every
+decoder block twice over the calibration set (the minimum any sequential method needs), with the engine's own
+``capture_inputs`` / ``forward_block``.
+
+With ``--wanda-repo`` / ``--sparsegpt-repo`` the public reference implementations run on the very same windows
+(asserted equal) through ``bench/reference_oneshot.py`` and are evaluated with our ``perplexity``, so only the
+pruning code differs. See ``bench/README.md``.
+
+    python bench/oneshot.py --wanda-repo /tmp/refs/wanda --sparsegpt-repo /tmp/refs/sparsegpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+DEFAULT_CALIBRATION = SHARED / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
+DEFAULT_EVAL = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+DEFAULT_OUT = ROOT / "bench" / "results" / "oneshot.json"
+METHODS = ("magnitude", "wanda", "sparsegpt")
+PATTERNS = ("2:4", "unstructured")
+SPARSITY = 0.5
+PPL_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the table, run in its own process: ``kind`` is floor, dense, ours or reference."""
+
+    kind: str
+    method: str = ""
+    pattern: str = ""
+
+
+@dataclass
+class Settings:
+    """Everything a worker process needs (picklable)."""
+
+    model: str | None
+    calibration: torch.Tensor
+    eval_data: str
+    seqlen: int
+    eval_windows: int
+    threads: int
+    wanda_repo: str | None
+    sparsegpt_repo: str | None
+
+
+@dataclass
+class Row:
+    kind: str
+    method: str
+    pattern: str
+    ppl: float | None = None
+    seconds: float | None = None
+    x_floor: float | None = None
+    peak_rss_mib: float | None = None
+    rss_increase_mib: float | None = None
+    sparsity: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+def _status_kib(key: str) -> int:
+    """A ``/proc/self/status`` field in KiB (Linux): VmRSS now, VmHWM the resident high-water mark."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the peak seen afterwards belongs to the timed call."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def measured(fn, *args) -> tuple[Any, float, float, float]:
+    """``fn(*args)``'s result, its wall seconds, peak RSS during the call (MiB) and that peak minus RSS before."""
+    _reset_peak_rss()
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    result = fn(*args)
+    seconds = time.perf_counter() - start
+    peak = _status_kib("VmHWM")
+    return result, seconds, peak / 1024, (peak - before) / 1024
+
+
+def decoder_sparsity(model) -> float:
+    """Fraction of zeros over the weights of every Linear inside the decoder blocks."""
+    from peft_sparse.pruning.engine import find_decoder_blocks, is_prunable
+
+    _, blocks = find_decoder_blocks(model)
+    weights = [m.weight for m in blocks.modules() if is_prunable(m)]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def config_for(method: str, pattern: str):
+    from peft_sparse.config import SparsityConfig
+
+    if pattern == "2:4":
+        return SparsityConfig(method=method, pattern="2:4")
+    # the papers' unstructured scopes: magnitude per layer, Wanda per output row; SparseGPT ignores the scope and
+    # thresholds each block of columns as a whole (its adaptive mask selection), as the reference does
+    scope = "layer" if method == "magnitude" else "row"
+    return SparsityConfig(method=method, sparsity=SPARSITY, sparsity_scope=scope)
+
+
+@torch.no_grad()
+def two_pass_floor(model, calibration: torch.Tensor) -> None:
+    """The least a sequential method must do: capture block-0 inputs, run each block twice over the data."""
+    from peft_sparse.pruning.engine import capture_inputs, find_decoder_blocks, forward_block
+
+    _, blocks = find_decoder_blocks(model)
+    batches = capture_inputs(model, blocks[0], calibration)
+    for block in blocks:
+        forward_block(block, batches)  # pass 1 (where statistics would be collected)
+        batches = forward_block(block, batches)  # pass 2 feeds the next block
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+def _load(settings: Settings):
+    from peft_sparse.models import load_model_and_tokenizer, smollm2
+
+    model, tokenizer = smollm2() if settings.model is None else load_model_and_tokenizer(settings.model)
+    return model.eval(), tokenizer
+
+
+def _prune_ours(job: Job, model, tokenizer, settings: Settings):
+    from peft_sparse import prune
+
+    return lambda: prune(model, config_for(job.method, job.pattern), calibration=settings.calibration)
+
+
+def _prune_reference(job: Job, model, tokenizer, settings: Settings):
+    from bench.reference_oneshot import ReferenceRun, run_reference, windows_as_loader
+
+    run = ReferenceRun(job.method, job.pattern, _path(settings.wanda_repo), _path(settings.sparsegpt_repo), SPARSITY)
+    loader = windows_as_loader(settings.calibration)
+    return lambda: run_reference(run, model, tokenizer, loader, settings.seqlen)
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def run_job(job: Job, settings: Settings) -> Row:
+    """Load the model, run the job's timed call (if any), evaluate; executed in a fresh process."""
+    sys.path.insert(0, str(ROOT))
+    torch.set_num_threads(settings.threads)
+    from peft_sparse.evaluation import perplexity
+
+    model, tokenizer = _load(settings)
+    row = Row(job.kind, job.method, job.pattern)
+    if job.kind == "floor":
+        _, row.seconds, row.peak_rss_mib, row.rss_increase_mib = measured(two_pass_floor, model, settings.calibration)
+        return row
+    if job.kind in ("ours", "reference"):
+        factory = _prune_ours if job.kind == "ours" else _prune_reference
+        _, row.seconds, row.peak_rss_mib, row.rss_increase_mib = measured(factory(job, model, tokenizer, settings))
+        row.sparsity = decoder_sparsity(model)
+    result = perplexity(model, tokenizer, settings.eval_data, settings.seqlen, settings.eval_windows, progress=False)
+    row.ppl = result.ppl
+    row.extra["eval_seconds"] = result.seconds
+    return row
+
+
+def run_isolated(job: Job, settings: Settings) -> Row:
+    """``run_job`` in a fresh spawned process (clean RSS high-water mark, no state shared between rows)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(run_job, job, settings).result()
+
+
+# ------------------------------------------------------------------------------------------------- the driver
+def calibration_windows(args: argparse.Namespace) -> torch.Tensor:
+    """Our calibration windows; with ``--wanda-repo``, asserted equal to the reference ``get_c4``'s."""
+    from peft_sparse.data import load_calibration
+    from peft_sparse.models import load_model_and_tokenizer, smollm2
+
+    _, tokenizer = smollm2() if args.model is None else load_model_and_tokenizer(args.model)
+    ids = load_calibration(str(args.calibration), tokenizer, args.nsamples, args.seqlen, args.seed)
+    if args.wanda_repo is not None:
+        from bench.reference_oneshot import reference_calibration
+
+        reference = reference_calibration(args.wanda_repo, args.calibration, tokenizer, args.nsamples, args.seqlen,
+                                          args.seed)  # fmt: skip
+        if not torch.equal(torch.cat([inp for inp, _ in reference]), ids):
+            raise AssertionError("Our calibration windows differ from the reference get_c4's on the same file.")
+    return ids
+
+
+def jobs_for(args: argparse.Namespace) -> list[Job]:
+    jobs = [Job("floor"), Job("dense")]
+    jobs += [Job("ours", m, p) for p in args.patterns for m in args.methods]
+    references = [Job("reference", m, p) for p in args.patterns for m in args.methods]
+    return jobs + [j for j in references if (args.sparsegpt_repo if j.method == "sparsegpt" else args.wanda_repo)]
+
+
+def compare(rows: list[Row]) -> list[dict[str, Any]]:
+    """Ours vs reference per (method, pattern): relative perplexity difference and speed ratio."""
+    ours = {(r.method, r.pattern): r for r in rows if r.kind == "ours"}
+    out = []
+    for ref in (r for r in rows if r.kind == "reference"):
+        mine = ours.get((ref.method, ref.pattern))
+        if mine is None:
+            continue
+        diff = mine.ppl / ref.ppl - 1
+        out.append(dict(method=ref.method, pattern=ref.pattern, ppl_ours=mine.ppl, ppl_reference=ref.ppl,
+                        ppl_rel_diff=diff, ppl_within_2pct=abs(diff) <= PPL_TOLERANCE,
+                        seconds_ours=mine.seconds, seconds_reference=ref.seconds,
+                        speedup=ref.seconds / mine.seconds))  # fmt: skip
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[Row]) -> str:
+    """A markdown table of the rows."""
+    lines = ["| impl | method | pattern | ppl | prune s | x floor | peak RSS MiB | +RSS MiB | sparsity |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r.kind} | {r.method or '-'} | {r.pattern or '-'} | {_fmt(r.ppl, '.3f')} | "
+                     f"{_fmt(r.seconds, '.2f')} | {_fmt(r.x_floor, '.2f')} | {_fmt(r.peak_rss_mib, '.0f')} | "
+                     f"{_fmt(r.rss_increase_mib, '.0f')} | {_fmt(r.sparsity, '.4f')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def comparison_table(comparisons: list[dict[str, Any]]) -> str:
+    lines = ["| method | pattern | ppl ours | ppl reference | diff | ours s | reference s | speedup |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for c in comparisons:
+        lines.append(f"| {c['method']} | {c['pattern']} | {c['ppl_ours']:.3f} | {c['ppl_reference']:.3f} | "
+                     f"{100 * c['ppl_rel_diff']:+.2f}% | {c['seconds_ours']:.2f} | {c['seconds_reference']:.2f} | "
+                     f"{c['speedup']:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model dir or .gguf (default: the cached SmolLM2-135M)")
+    parser.add_argument("--calibration", type=Path, default=DEFAULT_CALIBRATION)
+    parser.add_argument("--eval-data", type=Path, default=DEFAULT_EVAL)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS))
+    parser.add_argument("--wanda-repo", type=Path, default=None, help="checkout of locuslab/wanda (reference rows)")
+    parser.add_argument("--sparsegpt-repo", type=Path, default=None, help="checkout of IST-DASLab/sparsegpt")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    for flag in ("wanda_repo", "sparsegpt_repo"):
+        repo = getattr(args, flag)
+        if repo is not None and not repo.is_dir():
+            parser.error(f"--{flag.replace('_', '-')} {repo} is not a directory; see bench/README.md to fetch it.")
+    for flag in ("calibration", "eval_data"):
+        if not getattr(args, flag).is_file():
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    settings = Settings(args.model, calibration_windows(args), str(args.eval_data), args.seqlen, args.eval_windows,
+                        args.threads, args.wanda_repo and str(args.wanda_repo),
+                        args.sparsegpt_repo and str(args.sparsegpt_repo))  # fmt: skip
+    rows = []
+    for job in jobs_for(args):
+        rows.append(run_isolated(job, settings))
+        print(f"{job.kind} {job.method} {job.pattern}: ppl={rows[-1].ppl} s={rows[-1].seconds}", flush=True)
+    floor = rows[0].seconds
+    for row in rows:
+        row.x_floor = None if row.seconds is None else row.seconds / floor
+    comparisons = compare(rows)
+    result = dict(protocol=dict(calibration=args.calibration.name, nsamples=args.nsamples, seqlen=args.seqlen,
+                                seed=args.seed, eval_data=args.eval_data.name, eval_windows=args.eval_windows,
+                                sparsity_unstructured=SPARSITY),
+                  machine=dict(threads=args.threads, torch=torch.__version__, python=platform.python_version(),
+                               processor=platform.processor() or platform.machine()),
+                  floor_seconds=floor, rows=[asdict(r) for r in rows], comparisons=comparisons)  # fmt: skip
+    print(table(rows))
+    if comparisons:
+        print(comparison_table(comparisons))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
