@@ -1,6 +1,13 @@
-"""SparseTrainer under `accelerate launch --multi_gpu` DDP: 2 CPU processes (gloo, no GPU needed) against one process on the same global batch.
+"""Distributed sparse training on 2 CPU processes (gloo, no GPU needed) against one process on the same global batch.
 
-Run directly (``python tests/test_ddp_training.py OUT``) this file is the worker each process executes.
+* DDP: SparseTrainer under ``accelerate launch --multi_gpu``.
+* FSDP (``use_orig_params``): the masked layers inside ``FullyShardedDataParallel`` (torch level: accelerate and
+  Trainer only enable FSDP on GPUs). Outside the forward each rank holds a 1-D shard of every weight, so this checks
+  that masks are recomputed on the full weight inside the forward and that the SR-STE decay added in backward is
+  reduce-scattered like a gradient.
+
+Run directly (``python tests/test_ddp_training.py OUT`` or ``torchrun ... tests/test_ddp_training.py OUT fsdp``) this
+file is the worker each process executes.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_training import TokenDataset, make_args, tiny_llama  # noqa: E402
 
 from peft_sparse import SparseTrainer  # noqa: E402
-from peft_sparse.sparsity import follows_nm  # noqa: E402
+from peft_sparse.sparsity import SparsityPattern, follows_nm  # noqa: E402
+from peft_sparse.training import attach_sparse_layers  # noqa: E402
 
 # Global batch 4 per step either way: 2 processes x 1 sample x 2 accumulation steps, or 1 process x 4 samples.
 DISTRIBUTED = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2)
@@ -66,7 +74,61 @@ def test_ddp_two_cpu_processes_match_single_process(ddp_states, tmp_path, placem
             torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-5)
 
 
-if __name__ == "__main__":
+def fsdp_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int = 4) -> None:
+    """Plain training loop: gradient-placement decay, mask update at step 2 (what SparseTrainer sets per step)."""
+    layers = [m for m in model.modules() if hasattr(m, "sparse_mask")]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        for layer in layers:
+            layer.sparse_decay, layer.sparse_update_pending = 0.05, step == 2
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def sparse_tiny_llama() -> torch.nn.Module:
+    model = tiny_llama()
+    attach_sparse_layers(model, SparsityPattern.parse("2:4"))
+    return model
+
+
+def fsdp_worker(out: str) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    model = sparse_tiny_llama()
+    wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    fsdp_steps(wrapped, TokenDataset().ids[2 * rank:2 * rank + 2])
+    with FSDP.summon_full_params(wrapped):
+        state = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        state.update({f"{n}.sparse_mask": m.sparse_mask.clone() for n, m in model.named_modules()
+                      if hasattr(m, "sparse_mask")})
+    torch.save(state, os.path.join(out, f"fsdp-rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_use_orig_params_matches_single_process(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, str(tmp_path), "fsdp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"fsdp-rank{r}.pt") for r in range(2)]
+    model = sparse_tiny_llama()
+    fsdp_steps(model, TokenDataset().ids[:4])
+    masks = {f"{n}.sparse_mask": m.sparse_mask for n, m in model.named_modules() if hasattr(m, "sparse_mask")}
+    assert any(not torch.equal(m.sparse_mask, m.initial_mask) for m in model.modules() if hasattr(m, "sparse_mask"))
+    for key, value in {**model.state_dict(), **masks}.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        if key.endswith("sparse_mask"):
+            assert torch.equal(ranks[0][key], value), key
+        else:
+            torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-5)
+
+
+if __name__ == "__main__" and sys.argv[2:] == ["fsdp"]:
+    fsdp_worker(sys.argv[1])
+elif __name__ == "__main__":
     for placement in PLACEMENTS:
         trainer = run(os.path.join(sys.argv[1], placement), placement, DISTRIBUTED)
         torch.save(state_of(trainer), os.path.join(sys.argv[1], f"rank{trainer.args.process_index}-{placement}.pt"))

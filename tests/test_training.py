@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import SparseTrainer, SparseTrainingArguments
 from peft_sparse.sparsity import follows_nm, nm_mask
-from peft_sparse.training import MaskedWeight, SparseAdamW, attach_sparse_layers, kl_distill_sum, srste_lambda
+from peft_sparse.training import TokenWindowDataset, MaskedWeight, SparseAdamW, attach_sparse_layers, kl_distill_sum, srste_lambda
 from peft_sparse.training.layers import SparseConv1D, SparseLinear, weight_mask
 from peft_sparse.training.losses import shifted_token_mask
 from peft_sparse.training.plot import flip_series, plot_flip_rates
@@ -29,15 +29,10 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-class TokenDataset(torch.utils.data.Dataset):
+class TokenDataset(TokenWindowDataset):
     def __init__(self, n: int = 32, seqlen: int = 16, seed: int = 0):
-        self.ids = torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+        super().__init__(torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed)))
+        self.ids = self.windows
 
 
 def make_args(tmp_path, **overrides) -> SparseTrainingArguments:
@@ -68,7 +63,7 @@ def test_bad_arguments_fail_early(tmp_path, bad):
 
 def test_masked_weight_gradients():
     weight = torch.randn(3, 8, requires_grad=True)
-    mask = nm_mask(weight.detach().abs(), 2, 4)
+    mask = nm_mask(weight.detach().abs(), 2, 4).float()
     upstream = torch.randn(3, 8)
     MaskedWeight.apply(weight, mask, 0.0, True).backward(upstream)
     assert torch.equal(weight.grad, upstream)  # straight through, also to pruned weights
@@ -77,7 +72,7 @@ def test_masked_weight_gradients():
     assert torch.equal(weight.grad, upstream * mask)  # frozen mask: pruned weights get nothing
     weight.grad = None
     MaskedWeight.apply(weight, mask, 0.5, True).backward(torch.zeros(3, 8))
-    assert torch.equal(weight.grad, 0.5 * weight.detach() * ~mask)  # decay on pruned weights only
+    assert torch.equal(weight.grad, 0.5 * weight.detach() * (1 - mask))  # decay on pruned weights only
 
 
 def adamw_reference(w, grads, mask, lam, lr=0.1, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):

@@ -1,6 +1,7 @@
 """Adaptive Sparse Training (AST): dynamic N:M masks, annealed SR-STE, KL distillation, SLoRB boosting."""
 
 from .config import SparseTrainingArguments
+from .data import TokenWindowDataset
 from .layers import MaskedWeight, SparseConv1D, SparseLinear, attach_sparse_layers, detach_sparse_layer
 from .losses import kl_distill_sum
 from .optim import SparseAdamW
@@ -15,6 +16,7 @@ __all__ = [
     "SparseLinear",
     "SparseTrainer",
     "SparseTrainingArguments",
+    "TokenWindowDataset",
     "attach_sparse_layers",
     "detach_sparse_layer",
     "kl_distill_sum",
