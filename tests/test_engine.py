@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import TINY_ARCHS
+from transformers import AutoModelForCausalLM, GemmaConfig, PhiConfig
 
 from peft_sparse import PruneReport, SparsityConfig, prune
 from peft_sparse.pruning import engine, get_pruner
@@ -16,6 +17,24 @@ from peft_sparse.pruning.magnitude import magnitude_prune
 from peft_sparse.sparsity import nm_violations
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+EXTRA_CONFIGS = {  # two more layouts beyond the shared fixtures: Gemma (MQA, scaled embeddings), Phi (fc1/fc2, dense)
+    "gemma": lambda: GemmaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+    ),
+    "phi": lambda: PhiConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=512,
+    ),
+}  # fmt: skip
+ARCHS = TINY_ARCHS + tuple(EXTRA_CONFIGS)
+
+
+def _model(factory, arch: str) -> torch.nn.Module:
+    if arch not in EXTRA_CONFIGS:
+        return factory(arch)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(EXTRA_CONFIGS[arch]()).eval()
 
 
 def _ids(model, nsamples: int = 4, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
@@ -58,13 +77,13 @@ def _assert_pattern(weight: torch.Tensor, spec: str, method: str, name: str) -> 
         assert torch.all(per_row == int(weight.shape[1] * float(spec))), name
 
 
-CASES = [(arch, method, "2:4") for arch in TINY_ARCHS for method in METHODS]
+CASES = [(arch, method, "2:4") for arch in ARCHS for method in METHODS]
 CASES += [(arch, method, spec) for arch in ("llama", "gpt2") for method in METHODS for spec in ("4:8", "1:4", "0.5")]
 
 
 @pytest.mark.parametrize("arch, method, spec", CASES)
 def test_prune_gives_exact_pattern_on_every_target_only(tiny_model_factory, arch, method, spec):
-    model = tiny_model_factory(arch)
+    model = _model(tiny_model_factory, arch)
     ids = _ids(model)
     before = _state(model)
     report = prune(model, _config(method, spec), calibration=None if method == "magnitude" else ids)
@@ -76,10 +95,10 @@ def test_prune_gives_exact_pattern_on_every_target_only(tiny_model_factory, arch
     assert torch.isfinite(model(ids).logits).all()
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_captured_kwargs_replay_the_model(tiny_model_factory, arch):
     """Capture + replay of every block reproduces the model's own hidden states (transformers 5 kwargs)."""
-    model = tiny_model_factory(arch)
+    model = _model(tiny_model_factory, arch)
     ids = _ids(model, nsamples=3)
     _, blocks = find_decoder_blocks(model)
     with torch.no_grad():
