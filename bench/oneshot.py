@@ -21,6 +21,7 @@ import argparse
 import concurrent.futures
 import json
 import multiprocessing
+import os
 import platform
 import sys
 import time
@@ -146,8 +147,11 @@ def _load(settings: Settings):
 
 def _prune_ours(job: Job, model, tokenizer, settings: Settings):
     from peft_sparse import prune
+    from peft_sparse.pruning import get_pruner
 
-    return lambda: prune(model, config_for(job.method, job.pattern), calibration=settings.calibration)
+    # data-free methods are called without data, as a user would (given data, the engine still runs the forwards)
+    calibration = settings.calibration if get_pruner(job.method).needs_data else None
+    return lambda: prune(model, config_for(job.method, job.pattern), calibration=calibration)
 
 
 def _prune_reference(job: Job, model, tokenizer, settings: Settings):
@@ -165,6 +169,7 @@ def _path(value: str | None) -> Path | None:
 def run_job(job: Job, settings: Settings) -> Row:
     """Load the model, run the job's timed call (if any), evaluate; executed in a fresh process."""
     sys.path.insert(0, str(ROOT))
+    os.environ["TQDM_DISABLE"] = "1"  # no progress bars from the engine or the evaluation in the workers
     torch.set_num_threads(settings.threads)
     from peft_sparse.evaluation import perplexity
 
