@@ -169,7 +169,6 @@ def _path(value: str | None) -> Path | None:
 def run_job(job: Job, settings: Settings) -> Row:
     """Load the model, run the job's timed call (if any), evaluate; executed in a fresh process."""
     sys.path.insert(0, str(ROOT))
-    os.environ["TQDM_DISABLE"] = "1"  # no progress bars from the engine or the evaluation in the workers
     torch.set_num_threads(settings.threads)
     from peft_sparse.evaluation import perplexity
 
@@ -190,6 +189,7 @@ def run_job(job: Job, settings: Settings) -> Row:
 
 def run_isolated(job: Job, settings: Settings) -> Row:
     """``run_job`` in a fresh spawned process (clean RSS high-water mark, no state shared between rows)."""
+    os.environ["TQDM_DISABLE"] = "1"  # inherited by the worker: no progress bars (tqdm reads it at import)
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         return pool.submit(run_job, job, settings).result()
