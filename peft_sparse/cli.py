@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peft-sparse", description="N:M (2:4) sparsity for Hugging Face causal LMs: prune, evaluate, demo."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    parser.add_argument("--threads", type=_positive_int,
+                        help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy machine")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prune_parser(commands)
     _add_eval_parser(commands)
@@ -257,10 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         args.handler(args)
     except USER_ERRORS as error:
-        print(f"peft-sparse {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, even for multi-line library messages
+        print(f"peft-sparse {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -22,7 +22,8 @@ import zipfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,15 @@ def _resolve_local(name_or_path: str, gguf_file: str | None) -> tuple[str, str |
     return name_or_path, gguf_file
 
 
+def _check_causal_lm(config, name: str) -> None:
+    """Refuse architectures without a causal-LM head before any weights or tokenizer are loaded."""
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"{name!r} is a {config.model_type!r} model, which has no causal language-model head in transformers; "
+            "peft_sparse works on decoder LMs (Llama, Mistral, Qwen2, OPT, GPT-2, ...)."
+        )
+
+
 def rebuild_from_gguf(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A plain (saveable) copy of a GGUF-loaded model: same config and tensors, no quantizer, ties kept."""
     config = model.config
@@ -87,6 +97,8 @@ def load_model_and_tokenizer(
     location, gguf_file = _resolve_local(name_or_path, gguf_file)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
+        if not gguf_file:  # reading a GGUF's config costs as much as its tensors; GGUF files hold LMs anyway
+            _check_causal_lm(AutoConfig.from_pretrained(location), name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
     except OSError as error:  # missing hub repo, no network, missing weight files

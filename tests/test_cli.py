@@ -101,13 +101,17 @@ def test_bad_prune_input_exits_2_without_output(tmp_path, capsys, tiny_model_dir
 
 
 def test_missing_and_unsupported_models_exit_2(tmp_path, capsys):
+    from transformers import ViTConfig
+
     empty = tmp_path / "empty"
     empty.mkdir()
     (tmp_path / "weights.bin").write_bytes(b"\0")
+    ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "vit")
     for model, message in [
         (tmp_path / "nope", "does not exist"),
         (empty, "no config.json"),
         (tmp_path / "weights.bin", "is a file"),
+        (tmp_path / "vit", "'vit' model, which has no causal language-model head"),
     ]:
         code, _, err = run(capsys, "prune", model, "--method", "magnitude", "--output", tmp_path / "out")
         assert code == 2 and message in err
