@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_TOKENS_PER_BATCH = 4096  # samples are batched through a block up to this many tokens (faster on CPU)
+_TOKENS_PER_BATCH = 1024  # samples batched through a block up to this many tokens (bigger thrashes CPU caches)
 
 
 class _StopForward(Exception):
