@@ -38,9 +38,9 @@ def _block_product(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor) -
 class _BlockedSPP(torch.autograd.Function):
     """Eq. 7 with a hand-written backward that saves only x, alpha and beta (W is the frozen parameter).
 
-    Plain autograd would keep ``x * alpha`` (r copies of the activation) for backward. Here beta's gradient
-    recomputes the block product and alpha's and x's use weight-sized transients (``grad^T x`` and ``W * alpha``)
-    that live only inside this backward, so nothing larger than x is kept between forward and backward.
+    Plain autograd would keep ``x * alpha`` (r copies of the activation) for backward. Here alpha's and beta's
+    gradients both come from one weight-sized ``H = (grad^T x) * W`` and x's from ``grad * beta`` times the
+    alpha-scaled row blocks; these transients live only inside backward, so nothing larger than x is kept.
     """
 
     @staticmethod
@@ -52,16 +52,16 @@ class _BlockedSPP(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, alpha, beta = ctx.saved_tensors
         r, n = alpha.shape
-        flat_x, flat_grad = x.reshape(-1, n), grad.reshape(-1, beta.shape[0])
-        grad_z = (flat_grad * beta.squeeze(-1)).unflatten(-1, (r, -1))  # (tokens, r, m/r)
+        flat_grad = grad.reshape(-1, beta.shape[0])
         blocks = weight.unflatten(0, (r, -1))
         grad_x = grad_alpha = grad_beta = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_z.flatten(-2) @ (blocks * alpha.unsqueeze(1)).flatten(0, 1)).reshape(x.shape)
-        if ctx.needs_input_grad[2]:
-            grad_alpha = (torch.einsum("trj,tn->rjn", grad_z, flat_x) * blocks).sum(1)
-        if ctx.needs_input_grad[3]:
-            grad_beta = (flat_grad * _block_product(flat_x, weight, alpha)).sum(0).unsqueeze(-1)
+            scaled_blocks = (blocks * alpha.unsqueeze(1)).flatten(0, 1)
+            grad_x = ((flat_grad * beta.squeeze(-1)) @ scaled_blocks).reshape(x.shape)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            H = (flat_grad.T @ x.reshape(-1, n)).mul_(weight).unflatten(0, (r, -1))  # (r, m/r, n)
+            grad_alpha = (H * beta.unflatten(0, (r, -1))).sum(1)
+            grad_beta = (H * alpha.unsqueeze(1)).sum(-1).reshape(beta.shape)
         return grad_x, None, grad_alpha, grad_beta
 
 
