@@ -108,18 +108,19 @@ def _subset_inverses(u: torch.Tensor, k: int) -> torch.Tensor:
     return torch.linalg.solve_triangular(systems, eye, upper=True)
 
 
-def _obs_chunk(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, inverses: torch.Tensor) -> torch.Tensor:
+def _obs_chunk(
+    w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, inverses: torch.Tensor, powers: torch.Tensor
+) -> torch.Tensor:
     """Prune the first ``k = keep.shape[1]`` columns of ``w`` in place and compensate all later columns.
 
     Exactly the reference's column-by-column recursion, done for the k columns at once. ``u`` holds the matching
-    rows of ``Hinv`` from the first column on, ``inverses`` the chunk's ``(2^k, k, k)`` subset inverses.
-    Returns the errors ``(rows, k)`` for the lazy batch update.
+    rows of ``Hinv`` from the first column on, ``inverses`` the chunk's ``(2^k, k, k)`` subset inverses, indexed by
+    ``pruned @ powers`` (``powers = 2^j``). Returns the errors ``(rows, k)`` for the lazy batch update.
     """
     k = keep.shape[1]
     pruned = (~keep).to(w.dtype)
-    subset = (pruned @ (2.0 ** torch.arange(k, device=w.device))).long()
-    errors = torch.bmm((w[:, :k] * pruned).unsqueeze(1), inverses[subset]).squeeze(1)
-    w.sub_(errors @ u)
+    errors = torch.bmm((w[:, :k] * pruned).unsqueeze(1), inverses[(pruned @ powers).long()]).squeeze(1)
+    w.addmm_(errors, u, alpha=-1)
     w[:, :k].mul_(keep)  # the pruned entries are now ~0 up to rounding: make them exact zeros
     return errors
 
@@ -133,13 +134,14 @@ def _prune_block(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, pattern: 
         step = math.gcd(w.shape[1], _CHUNK)
         keep.copy_(unstructured_mask(w.square() / saliency_scale, pattern.sparsity, scope="layer"))
     inverses = _subset_inverses(u, step)
+    powers = 2.0 ** torch.arange(step, device=w.device)
     errors = torch.empty_like(w)
     for g in range(0, w.shape[1], step):  # chunks are sequential: each sees the updates of the earlier ones
         if pattern.is_nm and g % pattern.m == 0:  # N:M: choose the group's mask on the updated weights
             group = slice(g, g + pattern.m)
             keep[:, group] = nm_mask(w[:, group].square() / saliency_scale[group], pattern.n, pattern.m)
         chunk = slice(g, g + step)
-        errors[:, chunk] = _obs_chunk(w[:, g:], u[chunk, g:], keep[:, chunk], inverses[g // step])
+        errors[:, chunk] = _obs_chunk(w[:, g:], u[chunk, g:], keep[:, chunk], inverses[g // step], powers)
     return errors
 
 
@@ -168,7 +170,7 @@ def prune_with_inverse(
     for i1 in range(0, w.shape[1], blocksize):
         i2 = min(i1 + blocksize, w.shape[1])
         errors = _prune_block(w[:, i1:i2], hinv[i1:i2, i1:i2], keep[:, i1:i2], pattern)
-        w[:, i2:].sub_(errors @ hinv[i1:i2, i2:])  # lazy batch update of the columns after the block
+        w[:, i2:].addmm_(errors, hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the later columns
     return w, keep
 
 
