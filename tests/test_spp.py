@@ -43,6 +43,8 @@ def test_blocked_forward_matches_slow_reference_values_and_grads():
     for got, want in zip(grads_blocked, grads_naive):
         torch.testing.assert_close(got, want)
     assert torch.autograd.gradcheck(lambda *t: spp_delta_blocked(t[0], weight, *t[1:]), (x, alpha, beta))
+    trainable_weight = weight.clone().requires_grad_(True)  # a trainable base (AST + SPP) goes through it too
+    assert torch.autograd.gradcheck(spp_delta_blocked, (x, trainable_weight, alpha, beta))
 
 
 def test_blocked_backward_saves_no_per_block_activations():
