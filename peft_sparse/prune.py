@@ -28,11 +28,11 @@ def _check_token_ids(calibration: torch.Tensor, model: nn.Module) -> torch.Tenso
 def resolve_calibration(
     model: nn.Module, config: SparsityConfig, calibration: torch.Tensor | str | None, tokenizer: Any
 ) -> torch.Tensor | None:
-    """Token ids ``(nsamples, seqlen)`` to calibrate with, or ``None`` for data-free methods given none."""
+    """Token ids ``(nsamples, seqlen)`` to calibrate with, or ``None`` for data-free methods (which ignore it)."""
+    if not get_pruner(config.method).needs_data:
+        return None  # data-free: skip the capture and the two forward passes per block
     if isinstance(calibration, torch.Tensor):
         return _check_token_ids(calibration, model)
-    if calibration is None and not get_pruner(config.method).needs_data:
-        return None
     if calibration is not None and not isinstance(calibration, str):
         raise TypeError(
             f"calibration must be a LongTensor of token ids, a dataset name/path or None, got {type(calibration)}."
