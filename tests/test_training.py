@@ -292,6 +292,7 @@ def test_ast_boosted_trains_slorb_jointly_and_exports_base_plus_adapter(tmp_path
     trainer, recorder = train_tiny(tmp_path, slorb_k=16, finalize_at_end=False, max_steps=4)
     model = trainer.model
     assert isinstance(model, PeftModel)
+    assert model.base_model.model.model.norm.weight.requires_grad  # trained jointly like in AST-Naive
     S0 = {n: p.detach().clone() for n, p in model.named_parameters() if "slorb_S" in n}
     layer = trainer.sparse_layers["model.layers.0.mlp.down_proj"]
     expected_S = layer.weight.detach().masked_fill(layer.sparse_mask, 0).unflatten(-1, (-1, 16)).mean(-1)

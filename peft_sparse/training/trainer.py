@@ -246,12 +246,16 @@ def _attach_sparse_layers(model: nn.Module, args: SparseTrainingArguments, teach
 
 
 def _add_slorb(model: nn.Module, layers: dict[str, nn.Module], args: SparseTrainingArguments) -> PeftModel:
-    """AST-Boosted: SLoRB on every sparse layer, mean-initialised from its initial mask, trained with the base."""
+    """AST-Boosted: SLoRB on every sparse layer, mean-initialised from its initial mask, trained with the model."""
     from ..tuners import SLoRBConfig, get_slorb_model  # lazy: the tuners register themselves with peft
 
     config = SLoRBConfig(k=args.slorb_k, init=args.slorb_init, pattern=None, prune_base=False, trainable_base=True,
                          target_modules=list(layers))
-    return get_slorb_model(model, config, masks={name: layer.sparse_mask for name, layer in layers.items()})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    boosted = get_slorb_model(model, config, masks={name: layer.sparse_mask for name, layer in layers.items()})
+    for param in trainable:  # peft froze everything but the adapters and the base linears; AST trains norms too
+        param.requires_grad_(True)
+    return boosted
 
 
 def _mask_getter(layer: nn.Module):

@@ -1,0 +1,212 @@
+"""AST retraining benchmark on SmolLM2-135M (CPU): step-time overhead and perplexity at an equal token budget.
+
+Protocol (WikiText-2 test, 512-token windows, first ``--eval-windows`` windows, as in the Foundation benchmark):
+
+* one-shot starting points: magnitude 2:4 and SparseGPT 2:4 (32 C4 windows of 512 tokens, seed 0);
+* retraining runs, all with the dense model as KL teacher, the same C4 training windows (seed 1, disjoint sampling
+  seed from calibration), the same optimizer settings and the same number of steps (= tokens):
+  ``frozen`` (SparseGPT mask fixed, kept weights train), ``ast_naive`` (SparseGPT start, dynamic masks, annealed
+  SR-STE), ``ast_boosted`` (the same + SLoRB k=16), ``ast_naive_magnitude`` (the paper's start: dense weights,
+  magnitude mask);
+* step time of SparseTrainer vs a plain Trainer on the same model and batch, with and without the teacher.
+
+Embeddings (tied with ``lm_head``) are frozen; decoder linears and norms train. Results go to ``--out`` (JSON) and a
+flip-rate plot next to it. Example (about 30 minutes on 2 cores)::
+
+    python bench/train.py --steps 40 --batch 4 --seqlen 256 --out bench/results/train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from peft_sparse import SparseTrainer, SparseTrainingArguments, SparsityConfig, plot_flip_rates, prune
+from peft_sparse.data import load_calibration
+from peft_sparse.evaluation import perplexity
+from peft_sparse.models import smollm2
+from peft_sparse.training import TokenWindowDataset
+
+C4 = "/work/shared/data/c4/c4-train.00000-of-01024.first1000.jsonl"
+WIKITEXT = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
+# "oneshot" = the model pruned by --start-method (SparseGPT by default); "dense" = the paper's magnitude start.
+RUNS = {
+    "frozen": dict(start="oneshot", frozen_mask=True, mask_init="pruned"),
+    "ast_naive": dict(start="oneshot", mask_init="pruned"),
+    "ast_boosted": dict(start="oneshot", mask_init="pruned", slorb_k=16),
+    "ast_naive_magnitude": dict(start="dense", mask_init="magnitude"),
+}
+logger = logging.getLogger("bench.train")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (equal token budget)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seqlen", type=int, default=256, help="tokens per training sequence")
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--srste-decay", type=float, default=2e-4)
+    parser.add_argument("--srste-placement", default="decoupled", choices=("decoupled", "gradient"))
+    parser.add_argument("--mask-update-interval", type=int, default=10)
+    parser.add_argument("--distill-alpha", type=float, default=0.67)
+    parser.add_argument("--pruned-values", default="zero", choices=("zero", "teacher"))
+    parser.add_argument("--start-method", default="sparsegpt", help="one-shot pruner of the common starting point")
+    parser.add_argument("--eval-windows", type=int, default=64, help="WikiText-2 windows of 512 tokens")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {list(RUNS)}")
+    parser.add_argument("--timing-steps", type=int, default=3, help="timed steps per trainer after 1 warm-up (0: skip)")
+    parser.add_argument("--skip-dense-eval", action="store_true")
+    parser.add_argument("--cache-dir", type=Path, help="keep/reuse the one-shot starting points here")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
+    args = parser.parse_args()
+    unknown = set(args.runs.split(",")) - set(RUNS)
+    if unknown:
+        parser.error(f"unknown runs {sorted(unknown)}; choose from {list(RUNS)}")
+    return args
+
+
+def evaluate(model, tokenizer, args) -> float:
+    model.eval()
+    return perplexity(model, tokenizer, WIKITEXT, seqlen=512, max_windows=args.eval_windows, progress=False).ppl
+
+
+def trainable_copy(source: torch.nn.Module) -> torch.nn.Module:
+    """A copy that trains decoder linears and norms only; the (tied) embedding stays as it is."""
+    model = copy.deepcopy(source).requires_grad_(True)
+    model.get_input_embeddings().requires_grad_(False)
+    model.get_output_embeddings().requires_grad_(False)
+    return model
+
+
+def oneshot(dense, method: str, tokenizer, cache_dir: Path | None) -> torch.nn.Module:
+    """``dense`` pruned 2:4 by ``method`` (32 C4 windows of 512 tokens); reused from ``cache_dir`` when there."""
+    cached = cache_dir / f"{method}-2of4" if cache_dir else None
+    if cached is not None and (cached / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=dense.dtype)
+    model = copy.deepcopy(dense)
+    config = SparsityConfig(method=method, pattern="2:4", nsamples=32, seqlen=512, seed=0)
+    prune(model, config, calibration=C4 if method != "magnitude" else None, tokenizer=tokenizer)
+    if cached is not None:
+        model.save_pretrained(cached)
+    return model
+
+
+def plain_settings(output_dir: str, args) -> dict:
+    """TrainingArguments shared by every run (and by the plain Trainer of the timing comparison)."""
+    return dict(
+        output_dir=output_dir, per_device_train_batch_size=args.batch, max_steps=args.steps,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        logging_steps=5, report_to="none", save_strategy="no", use_cpu=True, seed=0, data_seed=0,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+
+
+def sparse_arguments(output_dir: str, args, **overrides) -> SparseTrainingArguments:
+    settings = dict(
+        srste_decay=args.srste_decay, srste_placement=args.srste_placement,
+        mask_update_interval=args.mask_update_interval, distill_alpha=args.distill_alpha, distill_temperature=2.0,
+    )
+    return SparseTrainingArguments(**{**plain_settings(output_dir, args), **settings, **overrides})
+
+
+def train_run(name: str, start, dense, tokenizer, dataset, args) -> dict:
+    overrides = {k: v for k, v in RUNS[name].items() if k != "start"}
+    if overrides.get("mask_init") == "pruned" and not overrides.get("frozen_mask"):
+        overrides["pruned_values"] = args.pruned_values
+    student = trainable_copy(start)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = SparseTrainer(model=student, args=sparse_arguments(tmp, args, **overrides), teacher=dense,
+                                train_dataset=dataset)
+        began = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - began
+    flips = [row for row in trainer.state.log_history if "flip_rate" in row]
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    result = dict(ppl=evaluate(trainer.model, tokenizer, args), train_seconds=round(seconds, 1), losses=losses,
+                  flips=flips, settings=overrides)
+    logger.info("%s: ppl %.2f (%.0f s)", name, result["ppl"], seconds)
+    return result
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.durations: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.durations.append(time.perf_counter() - self.began)
+
+
+def time_trainer(dense, dataset, args, sparse: bool, teacher=None) -> float:
+    """Median seconds per optimizer step (the first step is a warm-up and not counted)."""
+    timer = StepTimer()
+    model = trainable_copy(dense)
+    steps = args.timing_steps + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        if sparse:
+            settings = sparse_arguments(tmp, args, max_steps=steps, finalize_at_end=False)
+            trainer = SparseTrainer(model=model, args=settings, teacher=teacher, train_dataset=dataset,
+                                    callbacks=[timer])
+        else:
+            settings = TrainingArguments(**{**plain_settings(tmp, args), "max_steps": steps})
+            trainer = Trainer(model=model, args=settings, train_dataset=dataset, callbacks=[timer])
+        trainer.train()
+    return statistics.median(timer.durations[1:])
+
+
+def step_times(dense, dataset, args) -> dict:
+    plain = time_trainer(dense, dataset, args, sparse=False)
+    srste = time_trainer(dense, dataset, args, sparse=True)
+    with_teacher = time_trainer(dense, dataset, args, sparse=True, teacher=dense)
+    return dict(plain_s=plain, sparse_s=srste, sparse_teacher_s=with_teacher, ratio_no_teacher=srste / plain,
+                ratio_with_teacher=with_teacher / plain)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args()
+    torch.manual_seed(0)
+    dense, tokenizer = smollm2()
+    dense.eval().requires_grad_(False)
+    windows = load_calibration(C4, tokenizer, nsamples=args.steps * args.batch, seqlen=args.seqlen, seed=1)
+    dataset = TokenWindowDataset(windows)
+    results: dict = dict(config={k: str(v) for k, v in vars(args).items()}, tokens=windows.numel())
+    if not args.skip_dense_eval:
+        results["dense_ppl"] = evaluate(dense, tokenizer, args)
+    if args.timing_steps:
+        results["step_time"] = step_times(dense, dataset, args)
+        logger.info("step time: %s", results["step_time"])
+    starts = {"dense": dense}
+    for method in dict.fromkeys(("magnitude", args.start_method)):
+        starts[method] = oneshot(dense, method, tokenizer, args.cache_dir)
+        results[f"oneshot_{method}_ppl"] = evaluate(starts[method], tokenizer, args)
+        logger.info("one-shot %s: %.2f", method, results[f"oneshot_{method}_ppl"])
+    starts["oneshot"] = starts[args.start_method]
+    results["runs"] = {}
+    for name in args.runs.split(","):
+        start = starts[RUNS[name]["start"]]
+        results["runs"][name] = train_run(name, start, dense, tokenizer, dataset, args)
+        write(results, args.out)
+    write(results, args.out)
+    histories = {name: run["flips"] for name, run in results["runs"].items() if run["flips"]}
+    if histories:
+        plot_flip_rates(histories, args.out.with_name(args.out.stem + "_flips.png"))
+
+
+def write(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
