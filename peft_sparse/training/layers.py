@@ -68,9 +68,9 @@ class SparseWeightMixin:
     def masked_weight(self) -> torch.Tensor:
         if self.sparse_update_pending:
             self.update_mask()
-        return MaskedWeight.apply(self.weight, self._mask_values(), self.sparse_decay, self.sparse_straight_through)
+        return MaskedWeight.apply(self.weight, self.mask_values(), self.sparse_decay, self.sparse_straight_through)
 
-    def _mask_values(self) -> torch.Tensor:
+    def mask_values(self) -> torch.Tensor:
         """The bool mask as 0/1 in the weight's dtype, cached until the mask tensor changes (in place or replaced)."""
         mask = self.sparse_mask
         key = (id(mask), mask.data_ptr(), mask._version, self.weight.dtype, self.weight.device)

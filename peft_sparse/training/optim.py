@@ -27,8 +27,8 @@ class SparseAdamW(torch.optim.Optimizer):
 
     Args:
         params: parameters or groups, as for :class:`torch.optim.AdamW`.
-        masks: maps a parameter to a function returning its current keep-mask (``True`` = kept). A function, not a
-            tensor, because wrappers (DDP, ``Module.to``) may replace a layer's mask buffer by a new tensor.
+        masks: maps a parameter to a function returning its current keep-mask (bool, or 0/1 in the parameter's
+            dtype). A function, not a tensor, because wrappers (DDP) may replace a layer's mask buffer by a new tensor.
         srste_decay: initial decay; :class:`SparseTrainer` sets ``group["srste_decay"]`` every step (annealing).
     """
 
@@ -79,11 +79,13 @@ class SparseAdamW(torch.optim.Optimizer):
         mask_fn = self.masks.get(param)
         decay = None
         if mask_fn is not None and group["srste_decay"]:
-            decay = param.masked_fill(mask_fn(), 0).mul_(group["srste_decay"])
+            keep = mask_fn()
+            keep = keep.to(param.dtype) if keep.dtype == torch.bool else keep  # float operands are ~2x faster on CPU
+            decay = torch.addcmul(param, param, keep, value=-1).mul_(group["srste_decay"])  # λ · W · (1 - m)
         param.mul_(1 - group["lr"] * group["weight_decay"])
         exp_avg.lerp_(grad, 1 - beta1)
         full_grad = grad if decay is None else grad + decay
         exp_avg_sq.mul_(beta2).addcmul_(full_grad, full_grad, value=1 - beta2)
-        numerator = exp_avg if decay is None else exp_avg + (1 - beta1) * decay
+        numerator = exp_avg if decay is None else torch.add(exp_avg, decay, alpha=1 - beta1)
         denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
         param.addcdiv_(numerator, denom, value=-group["lr"] / (1 - beta1**step))

@@ -63,7 +63,7 @@ class SparseTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self._decoupled_decay:
-            masks = {layer.weight: _mask_getter(layer) for layer in self.sparse_layers.values()}
+            masks = {layer.weight: layer.mask_values for layer in self.sparse_layers.values()}
             kwargs = dict(lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
                           eps=self.args.adam_epsilon, masks=masks)
             if self.args.optim not in ("adamw_torch", "adamw_torch_fused"):
@@ -256,10 +256,6 @@ def _add_slorb(model: nn.Module, layers: dict[str, nn.Module], args: SparseTrain
     for param in trainable:  # peft froze everything but the adapters and the base linears; AST trains norms too
         param.requires_grad_(True)
     return boosted
-
-
-def _mask_getter(layer: nn.Module):
-    return lambda: layer.sparse_mask
 
 
 def _check_inputs(model, args, teacher, kwargs) -> None:
