@@ -94,8 +94,11 @@ def oneshot(dense, method: str, tokenizer, cache_dir: Path | None) -> torch.nn.M
     model = copy.deepcopy(dense)
     config = SparsityConfig(method=method, pattern="2:4", nsamples=32, seqlen=512, seed=0)
     prune(model, config, calibration=C4 if method != "magnitude" else None, tokenizer=tokenizer)
-    if cached is not None:
-        model.save_pretrained(cached)
+    if cached is not None:  # write then rename, so a reader never sees half a checkpoint
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache_dir))
+        model.save_pretrained(staging)
+        staging.rename(cached)
     return model
 
 
