@@ -181,9 +181,11 @@ def run_job(job: Job, settings: Settings) -> Row:
         factory = _prune_ours if job.kind == "ours" else _prune_reference
         _, row.seconds, row.peak_rss_mib, row.rss_increase_mib = measured(factory(job, model, tokenizer, settings))
         row.sparsity = decoder_sparsity(model)
-    result = perplexity(model, tokenizer, settings.eval_data, settings.seqlen, settings.eval_windows, progress=False)
-    row.ppl = result.ppl
-    row.extra["eval_seconds"] = result.seconds
+    if settings.eval_windows:  # 0: timing-only run
+        result = perplexity(model, tokenizer, settings.eval_data, settings.seqlen, settings.eval_windows,
+                            progress=False)  # fmt: skip
+        row.ppl = result.ppl
+        row.extra["eval_seconds"] = result.seconds
     return row
 
 
@@ -228,9 +230,9 @@ def compare(rows: list[Row]) -> list[dict[str, Any]]:
         mine = ours.get((ref.method, ref.pattern))
         if mine is None:
             continue
-        diff = mine.ppl / ref.ppl - 1
+        diff = None if mine.ppl is None else mine.ppl / ref.ppl - 1
         out.append(dict(method=ref.method, pattern=ref.pattern, ppl_ours=mine.ppl, ppl_reference=ref.ppl,
-                        ppl_rel_diff=diff, ppl_within_2pct=abs(diff) <= PPL_TOLERANCE,
+                        ppl_rel_diff=diff, ppl_within_2pct=None if diff is None else abs(diff) <= PPL_TOLERANCE,
                         seconds_ours=mine.seconds, seconds_reference=ref.seconds,
                         speedup=ref.seconds / mine.seconds))  # fmt: skip
     return out
@@ -255,8 +257,9 @@ def comparison_table(comparisons: list[dict[str, Any]]) -> str:
     lines = ["| method | pattern | ppl ours | ppl reference | diff | ours s | reference s | speedup |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for c in comparisons:
-        lines.append(f"| {c['method']} | {c['pattern']} | {c['ppl_ours']:.3f} | {c['ppl_reference']:.3f} | "
-                     f"{100 * c['ppl_rel_diff']:+.2f}% | {c['seconds_ours']:.2f} | {c['seconds_reference']:.2f} | "
+        diff = "-" if c["ppl_rel_diff"] is None else f"{100 * c['ppl_rel_diff']:+.2f}%"
+        lines.append(f"| {c['method']} | {c['pattern']} | {_fmt(c['ppl_ours'], '.3f')} | "
+                     f"{_fmt(c['ppl_reference'], '.3f')} | {diff} | {c['seconds_ours']:.2f} | {c['seconds_reference']:.2f} | "
                      f"{c['speedup']:.2f}x |")  # fmt: skip
     return "\n".join(lines)
 
@@ -269,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, default=64, help="0: time the pruning calls only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS))
