@@ -3,8 +3,8 @@
 * DDP: SparseTrainer under ``accelerate launch --multi_gpu``.
 * FSDP (``use_orig_params``): the masked layers inside ``FullyShardedDataParallel`` (torch level: accelerate and
   Trainer only enable FSDP on GPUs). Outside the forward each rank holds a 1-D shard of every weight, so this checks
-  that masks are recomputed on the full weight inside the forward and that the SR-STE decay added in backward is
-  reduce-scattered like a gradient.
+  that masks are recomputed on the full weight inside the forward, that the SR-STE decay added in backward is
+  reduce-scattered like a gradient, and that ``finalize_sparse_layers`` hard-prunes the whole (gathered) weights.
 
 Run directly (``python tests/test_ddp_training.py OUT`` or ``torchrun ... tests/test_ddp_training.py OUT fsdp``) this
 file is the worker each process executes.
@@ -12,6 +12,7 @@ file is the worker each process executes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -25,11 +26,12 @@ from test_training import TokenDataset, make_args, tiny_llama  # noqa: E402
 
 from peft_sparse import SparseTrainer  # noqa: E402
 from peft_sparse.sparsity import SparsityPattern, follows_nm  # noqa: E402
-from peft_sparse.training import attach_sparse_layers  # noqa: E402
+from peft_sparse.training import attach_sparse_layers, finalize_sparse_layers  # noqa: E402
 
 # Global batch 4 per step either way: 2 processes x 1 sample x 2 accumulation steps, or 1 process x 4 samples.
 DISTRIBUTED = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2)
 SINGLE = dict(per_device_train_batch_size=4, gradient_accumulation_steps=1)
+PATTERN = SparsityPattern.parse("2:4")
 
 
 def run(output_dir: str, placement: str, batching: dict) -> SparseTrainer:
@@ -86,9 +88,21 @@ def fsdp_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int = 4) -> Non
         optimizer.zero_grad()
 
 
+def finalized_state(root: torch.nn.Module, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Final masks, then the weights after ``finalize_sparse_layers`` on ``root`` (gathered whole under FSDP)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "sparse_mask")}
+    masks = {f"{n}.sparse_mask": m.sparse_mask.clone() for n, m in layers.items()}  # buffers are never sharded
+    finalize_sparse_layers(root, layers, PATTERN)
+    gather = FSDP.summon_full_params(root) if isinstance(root, FSDP) else contextlib.nullcontext()
+    with gather:
+        return {**{n: t.detach().clone() for n, t in model.state_dict().items()}, **masks}
+
+
 def sparse_tiny_llama() -> torch.nn.Module:
     model = tiny_llama()
-    attach_sparse_layers(model, SparsityPattern.parse("2:4"))
+    attach_sparse_layers(model, PATTERN)
     return model
 
 
@@ -100,10 +114,7 @@ def fsdp_worker(out: str) -> None:
     model = sparse_tiny_llama()
     wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
     fsdp_steps(wrapped, TokenDataset().ids[2 * rank:2 * rank + 2])
-    with FSDP.summon_full_params(wrapped):
-        state = {n: t.detach().clone() for n, t in model.state_dict().items()}
-        state.update({f"{n}.sparse_mask": m.sparse_mask.clone() for n, m in model.named_modules()
-                      if hasattr(m, "sparse_mask")})
+    state = finalized_state(wrapped, model)
     torch.save(state, os.path.join(out, f"fsdp-rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -116,9 +127,11 @@ def test_fsdp_use_orig_params_matches_single_process(tmp_path):
     ranks = [torch.load(tmp_path / f"fsdp-rank{r}.pt") for r in range(2)]
     model = sparse_tiny_llama()
     fsdp_steps(model, TokenDataset().ids[:4])
-    masks = {f"{n}.sparse_mask": m.sparse_mask for n, m in model.named_modules() if hasattr(m, "sparse_mask")}
     assert any(not torch.equal(m.sparse_mask, m.initial_mask) for m in model.modules() if hasattr(m, "sparse_mask"))
-    for key, value in {**model.state_dict(), **masks}.items():
+    expected = finalized_state(model, model)
+    assert all(follows_nm(ranks[0][key.replace("sparse_mask", "weight")], 2, 4) for key in expected
+               if key.endswith("sparse_mask"))  # finalize hard-pruned the whole (gathered) weights under FSDP
+    for key, value in expected.items():
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         if key.endswith("sparse_mask"):
             assert torch.equal(ranks[0][key], value), key

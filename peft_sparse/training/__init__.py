@@ -2,7 +2,14 @@
 
 from .config import SparseTrainingArguments
 from .data import TokenWindowDataset
-from .layers import MaskedWeight, SparseConv1D, SparseLinear, attach_sparse_layers, detach_sparse_layer
+from .layers import (
+    MaskedWeight,
+    SparseConv1D,
+    SparseLinear,
+    attach_sparse_layers,
+    detach_sparse_layer,
+    finalize_sparse_layers,
+)
 from .losses import kl_distill_sum
 from .optim import SparseAdamW
 from .plot import plot_flip_rates
@@ -19,6 +26,7 @@ __all__ = [
     "TokenWindowDataset",
     "attach_sparse_layers",
     "detach_sparse_layer",
+    "finalize_sparse_layers",
     "kl_distill_sum",
     "plot_flip_rates",
     "srste_lambda",

@@ -12,6 +12,7 @@ Design (FSDP/DDP safe, plain checkpoints):
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..sparsity import SparsityPattern, pattern_mask
+from ..sparsity import SparsityPattern, pattern_mask, validate_nm
 
 
 def weight_mask(weight: torch.Tensor, pattern: SparsityPattern, input_dim: int = -1) -> torch.Tensor:
@@ -175,3 +176,21 @@ def detach_sparse_layer(module: SparseWeightMixin) -> None:
     for name in ("_mask_values_cache", "_mask_values_key"):
         module.__dict__.pop(name, None)
     module.__class__ = module.dense_class
+
+
+def full_weights(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Context in which every weight is whole: FSDP's ``summon_full_params(writeback=True)`` for an FSDP root."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDP):
+        return FSDP.summon_full_params(model, writeback=True)
+    return contextlib.nullcontext()
+
+
+def finalize_sparse_layers(model: nn.Module, layers: dict[str, SparseWeightMixin], pattern: SparsityPattern) -> None:
+    """Hard-prune every layer of ``model`` to its mask, check N:M and restore plain modules (also under FSDP)."""
+    with full_weights(model):
+        for name, layer in layers.items():
+            detach_sparse_layer(layer)
+            if pattern.is_nm:
+                validate_nm(grouped_weight(layer), pattern.n, pattern.m, name)

@@ -25,9 +25,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..sparsity import nm_violations, validate_nm
+from ..sparsity import nm_violations
 from .config import SparseTrainingArguments
-from .layers import attach_sparse_layers, detach_sparse_layer, find_sparse_targets, grouped_weight
+from .layers import attach_sparse_layers, finalize_sparse_layers, find_sparse_targets, grouped_weight
 from .losses import kl_distill_sum, shifted_token_mask
 from .optim import SparseAdamW
 from .schedule import resolve_ramp_steps, srste_lambda
@@ -203,11 +203,7 @@ class SparseTrainer(Trainer):
         peft_sparse. With SLoRB (AST-Boosted) ``output_dir`` gets the N:M base model and ``output_dir/slorb`` the
         adapter (``PeftModel.from_pretrained(base, output_dir + "/slorb")`` after ``import peft_sparse``).
         """
-        pattern = self.args.pattern
-        for name, layer in self.sparse_layers.items():
-            detach_sparse_layer(layer)
-            if pattern.is_nm:
-                validate_nm(grouped_weight(layer), pattern.n, pattern.m, name)
+        finalize_sparse_layers(self.model_wrapped, self.sparse_layers, self.args.pattern)
         self.sparse_layers = {}
         if output_dir is None:
             return
