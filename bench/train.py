@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (equal token budget)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per training sequence")
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--srste-decay", type=float, default=2e-4)
     parser.add_argument("--srste-placement", default="decoupled", choices=("decoupled", "gradient"))
     parser.add_argument("--mask-update-interval", type=int, default=10)

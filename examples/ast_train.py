@@ -6,9 +6,10 @@
     python examples/ast_train.py --mode static  --start magnitude ...   # SR-STE with a constant decay (ablation)
 
 ``--start magnitude`` is the paper's start (dense weights, magnitude mask); ``--start sparsegpt`` starts from the
-SparseGPT 2:4 mask with the dense values of the pruned weights restored from the teacher, which helps when the token
-budget is small. The output directory holds a plain transformers model whose linears are exactly 2:4 (plus a
-``slorb/`` adapter for ``--mode boosted``) and ``flips.png``.
+SparseGPT 2:4 model (pruned weights restart at zero), which is far better when the token budget is small (see the
+AST results in README). ``--data`` takes a local .jsonl/.txt file or ``c4`` (Hub). The output directory holds a
+plain transformers model whose linears are exactly 2:4 (plus a ``slorb/`` adapter for ``--mode boosted``) and
+``flips.png``.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--srste-decay", type=float, default=2e-4)
+    parser.add_argument("--data", default=C4, help="training and calibration text: local .jsonl/.txt, 'c4' (Hub)")
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--output-dir", default="out/ast")
     cli = parser.parse_args()
@@ -54,10 +56,10 @@ def main() -> None:
     sparse = {"mask_init": "magnitude"}
     if cli.start == "sparsegpt":
         config = SparsityConfig(method="sparsegpt", pattern="2:4", nsamples=32, seqlen=512)
-        prune(student, config, calibration=C4, tokenizer=tokenizer)
-        sparse = {"mask_init": "pruned", "pruned_values": "zero" if cli.mode == "frozen" else "teacher"}
+        prune(student, config, calibration=cli.data, tokenizer=tokenizer)
+        sparse = {"mask_init": "pruned"}
 
-    windows = load_calibration(C4, tokenizer, nsamples=cli.steps * cli.batch, seqlen=cli.seqlen, seed=1)
+    windows = load_calibration(cli.data, tokenizer, nsamples=cli.steps * cli.batch, seqlen=cli.seqlen, seed=1)
     args = SparseTrainingArguments(
         output_dir=cli.output_dir, max_steps=cli.steps, per_device_train_batch_size=cli.batch,
         learning_rate=cli.lr, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=5, save_strategy="no",
