@@ -8,7 +8,9 @@ Protocol (WikiText-2 test, 512-token windows, first ``--eval-windows`` windows, 
   ``frozen`` (SparseGPT mask fixed, kept weights train), ``ast_naive`` (SparseGPT start, dynamic masks, annealed
   SR-STE), ``ast_boosted`` (the same + SLoRB k=16), ``ast_naive_magnitude`` (the paper's start: dense weights,
   magnitude mask);
-* step time of SparseTrainer vs a plain Trainer on the same model and batch, with and without the teacher.
+* step time of SparseTrainer vs a plain Trainer on the same model and batch, with and without the teacher;
+* with ``--flip-steps N``: flip-rate telemetry, AST-Naive from both starts for N steps of one sequence each (C4
+  sampling seed 2, no evaluation), so the plot has a point every ``--mask-update-interval`` steps.
 
 Embeddings (tied with ``lm_head``) are frozen; decoder linears and norms train. Results go to ``--out`` (JSON) and a
 flip-rate plot next to it. Example (about 30 minutes on 2 cores)::
@@ -61,13 +63,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pruned-values", default="zero", choices=("zero", "teacher"))
     parser.add_argument("--start-method", default="sparsegpt", help="one-shot pruner of the common starting point")
     parser.add_argument("--eval-windows", type=int, default=64, help="WikiText-2 windows of 512 tokens")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {list(RUNS)}")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {list(RUNS)} (may be empty)")
+    parser.add_argument("--flip-steps", type=int, default=0, help="steps of the flip-rate telemetry runs (0: skip)")
     parser.add_argument("--timing-steps", type=int, default=3, help="timed steps per trainer after 1 warm-up (0: skip)")
     parser.add_argument("--skip-dense-eval", action="store_true")
     parser.add_argument("--cache-dir", type=Path, help="keep/reuse the one-shot starting points here")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
     args = parser.parse_args()
-    unknown = set(args.runs.split(",")) - set(RUNS)
+    args.runs = [name for name in args.runs.split(",") if name]
+    unknown = set(args.runs) - set(RUNS)
     if unknown:
         parser.error(f"unknown runs {sorted(unknown)}; choose from {list(RUNS)}")
     return args
@@ -120,23 +124,36 @@ def sparse_arguments(output_dir: str, args, **overrides) -> SparseTrainingArgume
     return SparseTrainingArguments(**{**plain_settings(output_dir, args), **settings, **overrides})
 
 
-def train_run(name: str, start, dense, tokenizer, dataset, args) -> dict:
+def train_run(name: str, start, dense, tokenizer, dataset, args, score: bool = True, **settings) -> dict:
+    """Train a copy of ``start`` as run ``name`` (``settings`` override the shared arguments); evaluate if ``score``."""
     overrides = {k: v for k, v in RUNS[name].items() if k != "start"}
     if overrides.get("mask_init") == "pruned" and not overrides.get("frozen_mask"):
         overrides["pruned_values"] = args.pruned_values
     student = trainable_copy(start)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = SparseTrainer(model=student, args=sparse_arguments(tmp, args, **overrides), teacher=dense,
+        trainer = SparseTrainer(model=student, args=sparse_arguments(tmp, args, **overrides, **settings), teacher=dense,
                                 train_dataset=dataset)
         began = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - began
     flips = [row for row in trainer.state.log_history if "flip_rate" in row]
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    result = dict(ppl=evaluate(trainer.model, tokenizer, args), train_seconds=round(seconds, 1), losses=losses,
-                  flips=flips, settings=overrides)
-    logger.info("%s: ppl %.2f (%.0f s)", name, result["ppl"], seconds)
+    result = dict(train_seconds=round(seconds, 1), losses=losses, flips=flips, settings={**overrides, **settings})
+    if score:
+        result["ppl"] = evaluate(trainer.model, tokenizer, args)
+        logger.info("%s: ppl %.2f (%.0f s)", name, result["ppl"], seconds)
     return result
+
+
+def flip_telemetry(starts: dict, dense, tokenizer, args) -> dict:
+    """AST-Naive from both starts, ``--flip-steps`` steps of one sequence each: flip-rate curves, no evaluation."""
+    windows = load_calibration(C4, tokenizer, nsamples=args.flip_steps, seqlen=args.seqlen, seed=2)
+    dataset = TokenWindowDataset(windows)
+    return {
+        name: train_run(name, starts[RUNS[name]["start"]], dense, tokenizer, dataset, args, score=False,
+                        max_steps=args.flip_steps, per_device_train_batch_size=1)
+        for name in ("ast_naive_magnitude", "ast_naive")
+    }
 
 
 class StepTimer(TrainerCallback):
@@ -196,12 +213,15 @@ def main() -> None:
         logger.info("one-shot %s: %.2f", method, results[f"oneshot_{method}_ppl"])
     starts["oneshot"] = starts[args.start_method]
     results["runs"] = {}
-    for name in args.runs.split(","):
+    for name in args.runs:
         start = starts[RUNS[name]["start"]]
         results["runs"][name] = train_run(name, start, dense, tokenizer, dataset, args)
         write(results, args.out)
+    if args.flip_steps:
+        results["flip_telemetry"] = flip_telemetry(starts, dense, tokenizer, args)
     write(results, args.out)
-    histories = {name: run["flips"] for name, run in results["runs"].items() if run["flips"]}
+    runs = results.get("flip_telemetry", results["runs"])
+    histories = {name: run["flips"] for name, run in runs.items() if run["flips"]}
     if histories:
         plot_flip_rates(histories, args.out.with_name(args.out.stem + "_flips.png"))
 

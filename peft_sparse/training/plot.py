@@ -40,6 +40,7 @@ def plot_flip_rates(runs: Runs, path: str | os.PathLike) -> None:
     for axis, title in zip(axes, ("flip rate (vs previous mask)", "initial flip rate (vs step-0 mask)")):
         axis.set_title(title)
         axis.set_xlabel("optimizer step")
+        axis.set_yscale("symlog", linthresh=1e-6)  # rates span 1e-6 .. 1e-1 and may be exactly 0
         axis.grid(alpha=0.3)
     axes[0].legend()
     figure.tight_layout()
