@@ -6,16 +6,21 @@ Protocol (WikiText-2 test, 512-token windows, first ``--eval-windows`` windows, 
 * retraining runs, all with the dense model as KL teacher, the same C4 training windows (seed 1, disjoint sampling
   seed from calibration), the same optimizer settings and the same number of steps (= tokens):
   ``frozen`` (SparseGPT mask fixed, kept weights train), ``ast_naive`` (SparseGPT start, dynamic masks, annealed
-  SR-STE), ``ast_boosted`` (the same + SLoRB k=16), ``ast_naive_magnitude`` (the paper's start: dense weights,
-  magnitude mask);
+  SR-STE), ``ast_boosted`` (the same + SLoRB k=16, S starts at 0: the pruned weights are 0), and the paper's start
+  (dense weights, magnitude mask) as ``ast_naive_magnitude`` and ``ast_boosted_magnitude`` (SLoRB mean init);
 * step time of SparseTrainer vs a plain Trainer on the same model and batch, with and without the teacher;
 * with ``--flip-steps N``: flip-rate telemetry, AST-Naive from both starts for N steps of one sequence each (C4
   sampling seed 2, no evaluation), so the plot has a point every ``--mask-update-interval`` steps.
 
 Embeddings (tied with ``lm_head``) are frozen; decoder linears and norms train. Results go to ``--out`` (JSON) and a
-flip-rate plot next to it. Example (about 30 minutes on 2 cores)::
+flip-rate plot next to it. The README's numbers (about 40 + 25 minutes on 2 quiet cores)::
 
-    python bench/train.py --steps 40 --batch 4 --seqlen 256 --out bench/results/train.json
+    python bench/train.py --steps 20 --batch 4 --seqlen 256 --eval-windows 64 --timing-steps 3 \
+        --runs frozen,ast_naive,ast_boosted,ast_naive_magnitude --cache-dir /tmp/ast/cache \
+        --out bench/results/train.json
+    python bench/train.py --steps 20 --batch 4 --seqlen 256 --eval-windows 64 --timing-steps 0 --skip-dense-eval \
+        --runs ast_boosted_magnitude --flip-steps 100 --cache-dir /tmp/ast/cache \
+        --out bench/results/train_magnitude_boosted.json
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ RUNS = {
     "ast_naive": dict(start="oneshot", mask_init="pruned"),
     "ast_boosted": dict(start="oneshot", mask_init="pruned", slorb_k=16),
     "ast_naive_magnitude": dict(start="dense", mask_init="magnitude"),
+    "ast_boosted_magnitude": dict(start="dense", mask_init="magnitude", slorb_k=16),
 }
 logger = logging.getLogger("bench.train")
 
