@@ -48,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1234, help="seed of the training windows (calibration uses 0)")
     parser.add_argument("--dense", action="store_true", help="also evaluate the dense model (one more eval pass)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "bench" / "results" / "spp_finetune.json"))
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    parser.add_argument("--out", default=str(results / "spp_finetune.json"))
     return parser.parse_args()
 
 

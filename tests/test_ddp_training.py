@@ -12,7 +12,6 @@ file is the worker each process executes.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from test_training import TokenDataset, make_args, tiny_llama  # noqa: E402
 from peft_sparse import SparseTrainer  # noqa: E402
 from peft_sparse.sparsity import SparsityPattern, follows_nm  # noqa: E402
 from peft_sparse.training import attach_sparse_layers, finalize_sparse_layers  # noqa: E402
+from peft_sparse.training.layers import full_weights  # noqa: E402
 
 # Global batch 4 per step either way: 2 processes x 1 sample x 2 accumulation steps, or 1 process x 4 samples.
 DISTRIBUTED = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2)
@@ -90,13 +90,10 @@ def fsdp_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int = 4) -> Non
 
 def finalized_state(root: torch.nn.Module, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Final masks, then the weights after ``finalize_sparse_layers`` on ``root`` (gathered whole under FSDP)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     layers = {n: m for n, m in model.named_modules() if hasattr(m, "sparse_mask")}
     masks = {f"{n}.sparse_mask": m.sparse_mask.clone() for n, m in layers.items()}  # buffers are never sharded
     finalize_sparse_layers(root, layers, PATTERN)
-    gather = FSDP.summon_full_params(root) if isinstance(root, FSDP) else contextlib.nullcontext()
-    with gather:
+    with full_weights(root):
         return {**{n: t.detach().clone() for n, t in model.state_dict().items()}, **masks}
 
 
