@@ -107,10 +107,10 @@ def measured(fn, *args) -> tuple[Any, float, float, float]:
 
 def decoder_sparsity(model) -> float:
     """Fraction of zeros over the weights of every Linear inside the decoder blocks."""
-    from peft_sparse.pruning.engine import find_decoder_blocks, is_prunable
+    from peft_sparse.modeling import find_decoder_blocks, is_sparse_layer
 
     _, blocks = find_decoder_blocks(model)
-    weights = [m.weight for m in blocks.modules() if is_prunable(m)]
+    weights = [m.weight for m in blocks.modules() if is_sparse_layer(m)]
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
@@ -128,7 +128,8 @@ def config_for(method: str, pattern: str):
 @torch.no_grad()
 def two_pass_floor(model, calibration: torch.Tensor) -> None:
     """The least a sequential method must do: capture block-0 inputs, run each block twice over the data."""
-    from peft_sparse.pruning.engine import capture_inputs, find_decoder_blocks, forward_block
+    from peft_sparse.modeling import find_decoder_blocks
+    from peft_sparse.pruning.engine import capture_inputs, forward_block
 
     _, blocks = find_decoder_blocks(model)
     batches = capture_inputs(model, blocks[0], calibration)

@@ -1,26 +1,26 @@
-"""AST retraining benchmark on SmolLM2-135M (CPU): step-time overhead and perplexity at an equal token budget.
+"""AST retraining benchmark on SmolLM2-135M (CPU): perplexity at an equal token budget, and step-time overhead.
 
 Protocol (WikiText-2 test, 512-token windows, first ``--eval-windows`` windows, as in the Foundation benchmark):
 
-* one-shot starting points: magnitude 2:4 and SparseGPT 2:4 (32 C4 windows of 512 tokens, seed 0);
-* retraining runs, all with the dense model as KL teacher, the same C4 training windows (seed 1, disjoint sampling
-  seed from calibration), the same optimizer settings and the same number of steps (= tokens):
-  ``frozen`` (SparseGPT mask fixed, kept weights train), ``ast_naive`` (SparseGPT start, dynamic masks, annealed
-  SR-STE), ``ast_boosted`` (the same + SLoRB k=16, S starts at 0: the pruned weights are 0), and the paper's start
-  (dense weights, magnitude mask) as ``ast_naive_magnitude`` and ``ast_boosted_magnitude`` (SLoRB mean init);
-* step time of SparseTrainer vs a plain Trainer on the same model and batch, with and without the teacher;
+* starting points: ``sparsegpt`` (SparseGPT 2:4 one-shot, 32 C4 windows of 512 tokens, seed 0; mask_init="pruned",
+  pruned weights restart at 0) and ``magnitude`` (the paper's: dense weights with their 2:4 magnitude mask);
+* every run trains with the dense model as KL teacher (loss CE + 2.0·KL at T = 2, the paper's α), on the same C4
+  training windows (seed 1, disjoint sampling seed from calibration), with the same optimizer settings and the same
+  number of steps (= tokens);
+* a run is named ``START:MODE[:PLACEMENT[:LAMBDA]]``: MODE ``frozen`` (the start's mask fixed, kept weights train),
+  ``naive`` (AST-Naive: dynamic masks, annealed SR-STE at PLACEMENT, λ = LAMBDA or ``--srste-decay``) or ``boosted``
+  (the same + SLoRB k=16, mean init);
+* step time of SparseTrainer vs a plain Trainer on the same model and batch, with and without the teacher
+  (``--timing-steps``);
 * with ``--flip-steps N``: flip-rate telemetry, AST-Naive from both starts for N steps of one sequence each (C4
   sampling seed 2, no evaluation), so the plot has a point every ``--mask-update-interval`` steps.
 
 Embeddings (tied with ``lm_head``) are frozen; decoder linears and norms train. Results go to ``--out`` (JSON) and a
-flip-rate plot next to it. The README's numbers (about 40 + 25 minutes on 2 quiet cores)::
+flip-rate plot next to it. The README's AST table (runs split over two processes of one thread each)::
 
-    python bench/train.py --steps 20 --batch 4 --seqlen 256 --eval-windows 64 --timing-steps 3 \
-        --runs frozen,ast_naive,ast_boosted,ast_naive_magnitude --cache-dir /tmp/ast/cache \
-        --out bench/results/train.json
-    python bench/train.py --steps 20 --batch 4 --seqlen 256 --eval-windows 64 --timing-steps 0 --skip-dense-eval \
-        --runs ast_boosted_magnitude --flip-steps 100 --cache-dir /tmp/ast/cache \
-        --out bench/results/train_magnitude_boosted.json
+    python bench/train.py --threads 1 --timing-steps 0 --skip-dense-eval --cache-dir /tmp/ast/cache \
+        --runs sparsegpt:frozen,sparsegpt:naive:update,sparsegpt:naive:gradient,sparsegpt:naive:step \
+        --out bench/results/train_sparsegpt.json
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import logging
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,17 +43,45 @@ from peft_sparse.data import load_calibration
 from peft_sparse.evaluation import perplexity
 from peft_sparse.models import smollm2
 from peft_sparse.training import TokenWindowDataset
+from peft_sparse.training.config import SRSTE_PLACEMENTS
 
 C4 = "/work/shared/data/c4/c4-train.00000-of-01024.first1000.jsonl"
 WIKITEXT = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
-# "oneshot" = the model pruned by --start-method (SparseGPT by default); "dense" = the paper's magnitude start.
-RUNS = {
-    "frozen": dict(start="oneshot", frozen_mask=True, mask_init="pruned"),
-    "ast_naive": dict(start="oneshot", mask_init="pruned"),
-    "ast_boosted": dict(start="oneshot", mask_init="pruned", slorb_k=16),
-    "ast_naive_magnitude": dict(start="dense", mask_init="magnitude"),
-    "ast_boosted_magnitude": dict(start="dense", mask_init="magnitude", slorb_k=16),
-}
+STARTS = ("sparsegpt", "magnitude")
+MODES = ("frozen", "naive", "boosted")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One retraining run: ``START:MODE[:PLACEMENT[:LAMBDA]]``."""
+
+    start: str
+    mode: str
+    placement: str | None = None
+    decay: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Run:
+        parts = spec.split(":")
+        if not 2 <= len(parts) <= 4 or parts[0] not in STARTS or parts[1] not in MODES:
+            raise ValueError(f"run {spec!r}: use START:MODE[:PLACEMENT[:LAMBDA]], START in {STARTS}, MODE in {MODES}")
+        placement = parts[2] if len(parts) > 2 else None
+        if placement is not None and placement not in SRSTE_PLACEMENTS:
+            raise ValueError(f"run {spec!r}: placement must be one of {SRSTE_PLACEMENTS}")
+        return cls(parts[0], parts[1], placement, float(parts[3]) if len(parts) > 3 else None)
+
+    def settings(self, args) -> dict:
+        """SparseTrainingArguments overrides of this run."""
+        settings = dict(mask_init="pruned" if self.start == "sparsegpt" else "magnitude")
+        if self.mode == "frozen":
+            return {**settings, "frozen_mask": True}
+        settings["srste_placement"] = self.placement or args.srste_placement
+        settings["srste_decay"] = args.srste_decay if self.decay is None else self.decay
+        if self.mode == "boosted":
+            settings["slorb_k"] = 16
+        return settings
+
+
 logger = logging.getLogger("bench.train")
 
 
@@ -63,23 +92,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per training sequence")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--srste-decay", type=float, default=2e-4)
-    parser.add_argument("--srste-placement", default="decoupled", choices=("decoupled", "gradient"))
+    parser.add_argument("--srste-placement", default="update", choices=SRSTE_PLACEMENTS)
     parser.add_argument("--mask-update-interval", type=int, default=10)
-    parser.add_argument("--distill-alpha", type=float, default=0.67)
-    parser.add_argument("--pruned-values", default="zero", choices=("zero", "teacher"))
-    parser.add_argument("--start-method", default="sparsegpt", help="one-shot pruner of the common starting point")
+    parser.add_argument("--distill-alpha", type=float, default=2.0, help="CE + alpha * KL (paper: 2.0)")
     parser.add_argument("--eval-windows", type=int, default=64, help="WikiText-2 windows of 512 tokens")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {list(RUNS)} (may be empty)")
+    parser.add_argument("--runs", default="", help="comma-separated START:MODE[:PLACEMENT[:LAMBDA]] (may be empty)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--flip-steps", type=int, default=0, help="steps of the flip-rate telemetry runs (0: skip)")
     parser.add_argument("--timing-steps", type=int, default=3, help="timed steps per trainer after 1 warm-up (0: skip)")
     parser.add_argument("--skip-dense-eval", action="store_true")
     parser.add_argument("--cache-dir", type=Path, help="keep/reuse the one-shot starting points here")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
     args = parser.parse_args()
-    args.runs = [name for name in args.runs.split(",") if name]
-    unknown = set(args.runs) - set(RUNS)
-    if unknown:
-        parser.error(f"unknown runs {sorted(unknown)}; choose from {list(RUNS)}")
+    try:
+        args.runs = {name: Run.parse(name) for name in args.runs.split(",") if name}
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -130,11 +158,10 @@ def sparse_arguments(output_dir: str, args, **overrides) -> SparseTrainingArgume
     return SparseTrainingArguments(**{**plain_settings(output_dir, args), **settings, **overrides})
 
 
-def train_run(name: str, start, dense, tokenizer, dataset, args, score: bool = True, **settings) -> dict:
-    """Train a copy of ``start`` as run ``name`` (``settings`` override the shared arguments); evaluate if ``score``."""
-    overrides = {k: v for k, v in RUNS[name].items() if k != "start"}
-    if overrides.get("mask_init") == "pruned" and not overrides.get("frozen_mask"):
-        overrides["pruned_values"] = args.pruned_values
+def train_run(name: str, run: Run, start, dense, tokenizer, dataset, args, score: bool = True,
+              **settings) -> dict:
+    """Train a copy of ``start`` as ``run`` (``settings`` override the shared arguments); evaluate if ``score``."""
+    overrides = run.settings(args)
     student = trainable_copy(start)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = SparseTrainer(model=student, args=sparse_arguments(tmp, args, **overrides, **settings), teacher=dense,
@@ -156,9 +183,9 @@ def flip_telemetry(starts: dict, dense, tokenizer, args) -> dict:
     windows = load_calibration(C4, tokenizer, nsamples=args.flip_steps, seqlen=args.seqlen, seed=2)
     dataset = TokenWindowDataset(windows)
     return {
-        name: train_run(name, starts[RUNS[name]["start"]], dense, tokenizer, dataset, args, score=False,
-                        max_steps=args.flip_steps, per_device_train_batch_size=1)
-        for name in ("ast_naive_magnitude", "ast_naive")
+        name: train_run(name, Run.parse(name), starts[Run.parse(name).start], dense, tokenizer, dataset, args,
+                        score=False, max_steps=args.flip_steps, per_device_train_batch_size=1)
+        for name in ("magnitude:naive", "sparsegpt:naive")
     }
 
 
@@ -201,6 +228,8 @@ def step_times(dense, dataset, args) -> dict:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dense, tokenizer = smollm2()
     dense.eval().requires_grad_(False)
@@ -212,16 +241,17 @@ def main() -> None:
     if args.timing_steps:
         results["step_time"] = step_times(dense, dataset, args)
         logger.info("step time: %s", results["step_time"])
-    starts = {"dense": dense}
-    for method in dict.fromkeys(("magnitude", args.start_method)):
-        starts[method] = oneshot(dense, method, tokenizer, args.cache_dir)
-        results[f"oneshot_{method}_ppl"] = evaluate(starts[method], tokenizer, args)
+    needed = {run.start for run in args.runs.values()} | ({"sparsegpt"} if args.flip_steps else set())
+    starts = {"magnitude": dense}  # the paper's start: dense weights, magnitude mask taken by the trainer
+    for method in sorted(needed):
+        pruned = oneshot(dense, method, tokenizer, args.cache_dir)
+        results[f"oneshot_{method}_ppl"] = evaluate(pruned, tokenizer, args)
         logger.info("one-shot %s: %.2f", method, results[f"oneshot_{method}_ppl"])
-    starts["oneshot"] = starts[args.start_method]
+        if method == "sparsegpt":
+            starts[method] = pruned
     results["runs"] = {}
-    for name in args.runs:
-        start = starts[RUNS[name]["start"]]
-        results["runs"][name] = train_run(name, start, dense, tokenizer, dataset, args)
+    for name, run in args.runs.items():
+        results["runs"][name] = train_run(name, run, starts[run.start], dense, tokenizer, dataset, args)
         write(results, args.out)
     if args.flip_steps:
         results["flip_telemetry"] = flip_telemetry(starts, dense, tokenizer, args)

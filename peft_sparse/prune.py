@@ -68,6 +68,6 @@ def prune(
 
     Bad input (unknown layers, widths not divisible by M, missing calibration) raises before the model is touched.
     """
-    plan = engine.plan(model, config)
+    plan = engine.plan(model, config.sparsity_pattern, config.targets, config.ignore)
     ids = resolve_calibration(model, config, calibration, tokenizer)
     return engine.run(model, config, plan, ids)

@@ -48,7 +48,7 @@ def state_of(trainer: SparseTrainer) -> dict[str, torch.Tensor]:
             **{f"{n}.mask": m.sparse_mask.clone() for n, m in layers}}
 
 
-PLACEMENTS = ("gradient", "decoupled")
+PLACEMENTS = ("gradient", "update")
 
 
 @pytest.fixture(scope="module")

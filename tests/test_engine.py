@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, GemmaConfig, PhiConfig
 
 from peft_sparse import PruneReport, SparsityConfig, prune
 from peft_sparse.pruning import engine, get_pruner
-from peft_sparse.pruning.engine import capture_inputs, find_decoder_blocks, forward_block, is_prunable, weight_matrix
+from peft_sparse.modeling import find_decoder_blocks, is_sparse_layer, out_in
+from peft_sparse.pruning.engine import capture_inputs, forward_block
 from peft_sparse.pruning.magnitude import magnitude_prune
 from peft_sparse.sparsity import nm_violations
 
@@ -50,7 +51,7 @@ def _config(method: str, spec: str, **kwargs) -> SparsityConfig:
 
 def _block_linears(model) -> dict[str, torch.nn.Module]:
     prefix = find_decoder_blocks(model)[0] + "."
-    return {n: m for n, m in model.named_modules() if is_prunable(m) and n.startswith(prefix)}
+    return {n: m for n, m in model.named_modules() if is_sparse_layer(m) and n.startswith(prefix)}
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -90,7 +91,7 @@ def test_prune_gives_exact_pattern_on_every_target_only(tiny_model_factory, arch
     targets = _block_linears(model)
     assert [layer.name for layer in report.layers] == list(targets)
     for name, module in targets.items():
-        _assert_pattern(weight_matrix(module).detach(), spec, method, name)
+        _assert_pattern(out_in(module).detach(), spec, method, name)
     _assert_only_targets_changed(model, before, set(targets))  # embeddings, lm_head, norms, biases untouched
     assert torch.isfinite(model(ids).logits).all()
 
@@ -122,9 +123,9 @@ def _slow_sequential(model, config: SparsityConfig, ids: torch.Tensor, dense_sta
     _, source_blocks = find_decoder_blocks(source)
     prefix = find_decoder_blocks(model)[0]
     for index in range(len(blocks)):
-        names = {n: m for n, m in blocks[index].named_modules() if is_prunable(m)}
+        names = {n: m for n, m in blocks[index].named_modules() if is_sparse_layer(m)}
         observed = dict(source_blocks[index].named_modules())
-        stats = {n: pruner.new_stats(weight_matrix(m).shape[1], torch.device("cpu")) for n, m in names.items()}
+        stats = {n: pruner.new_stats(out_in(m).shape[1], torch.device("cpu")) for n, m in names.items()}
         hooks = [
             observed[n].register_forward_hook(lambda mod, a, o, s=stats[n]: pruner.accumulate(s, a[0])) for n in names
         ]
@@ -135,13 +136,13 @@ def _slow_sequential(model, config: SparsityConfig, ids: torch.Tensor, dense_sta
             hook.remove()
         with torch.no_grad():
             for n, m in names.items():
-                pruned, _ = pruner.prune(weight_matrix(m).detach().float(), stats[n])
-                weight_matrix(m).copy_(pruned)
+                pruned, _ = pruner.prune(out_in(m).detach().float(), stats[n])
+                out_in(m).copy_(pruned)
     return {
-        f"{prefix}.{i}.{n}": weight_matrix(m).detach()
+        f"{prefix}.{i}.{n}": out_in(m).detach()
         for i, b in enumerate(blocks)
         for n, m in b.named_modules()
-        if is_prunable(m)
+        if is_sparse_layer(m)
     }
 
 
@@ -153,7 +154,7 @@ def test_statistics_come_from_already_pruned_blocks(tiny_model_factory, method):
     expected = _slow_sequential(model, config, ids)
     from_dense = _slow_sequential(model, config, ids, dense_stats=True)
     prune(model, config, calibration=ids)
-    got = {n: weight_matrix(m).detach() for n, m in _block_linears(model).items()}
+    got = {n: out_in(m).detach() for n, m in _block_linears(model).items()}
     assert got.keys() == expected.keys()
     for name in got:
         assert torch.equal(got[name] != 0, expected[name] != 0), name
@@ -214,8 +215,8 @@ BAD_INPUTS = [
     (dict(method="wanda"), None, "needs calibration data"),
     (dict(method="sparsegpt"), torch.zeros(2, 8), "integer token ids"),
     (dict(method="wanda"), torch.full((2, 8), 10_000), r"must lie in \[0, 256\)"),
-    (dict(method="magnitude", targets=["no_such_layer"]), None, "No Linear/Conv1D layer left to prune"),
-    (dict(method="magnitude", ignore=["proj"]), None, "No Linear/Conv1D layer left to prune"),
+    (dict(method="magnitude", targets=["no_such_layer"]), None, "No Linear/Conv1D layer selected"),
+    (dict(method="magnitude", ignore=["proj"]), None, "No Linear/Conv1D layer selected"),
     (dict(method="magnitude", targets=["lm_head"]), None, "Only layers inside the decoder blocks"),
     (dict(method="magnitude", targets=["(unclosed"]), None, "Invalid regular expression in targets"),
 ]

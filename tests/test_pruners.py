@@ -251,7 +251,8 @@ def test_sparsegpt_options_defaults_match_reference():
 def test_real_layer_error_sparsegpt_below_wanda_below_magnitude(smollm2, layer):
     """SmolLM2 block 1 on real text: the data-aware methods reconstruct the layer output better (2:4)."""
     from peft_sparse.data import load_calibration
-    from peft_sparse.pruning.engine import capture_inputs, find_decoder_blocks, forward_block
+    from peft_sparse.modeling import find_decoder_blocks
+    from peft_sparse.pruning.engine import capture_inputs, forward_block
 
     model, tokenizer = smollm2
     ids = load_calibration(None, tokenizer, nsamples=8, seqlen=128, seed=0)

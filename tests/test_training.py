@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from peft_sparse import SparseTrainer, SparseTrainingArguments
 from peft_sparse.sparsity import follows_nm, nm_mask
 from peft_sparse.training import TokenWindowDataset, MaskedWeight, SparseAdamW, attach_sparse_layers, kl_distill_sum, srste_lambda
-from peft_sparse.training.layers import SparseConv1D, SparseLinear, weight_mask
+from peft_sparse.training.layers import SparseConv1D, SparseLinear, magnitude_mask
 from peft_sparse.training.losses import shifted_token_mask
 from peft_sparse.training.plot import flip_series, plot_flip_rates
 from peft_sparse.sparsity import SparsityPattern
@@ -52,7 +52,7 @@ def test_annealing_schedule_values():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(sparsity_pattern="2:x"), dict(mask_update_interval=0), dict(srste_decay=-1.0),
+    [dict(pattern="2:x"), dict(mask_update_interval=0), dict(srste_decay=-1.0),
      dict(srste_placement="adam"), dict(mask_init="wanda"), dict(distill_temperature=0.0),
      dict(pruned_values="teacher")],
 )
@@ -75,31 +75,45 @@ def test_masked_weight_gradients():
     assert torch.equal(weight.grad, 0.5 * weight.detach() * (1 - mask))  # decay on pruned weights only
 
 
-def adamw_reference(w, grads, mask, lam, lr=0.1, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
-    """The paper's formula written out plainly: decay out of the first moment, inside the second."""
+def adamw_reference(w, grads, mask, lam, placement, lr=0.1, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    """The two optimizer placements written out plainly, one element-wise formula per line."""
     u, v = torch.zeros_like(w), torch.zeros_like(w)
     for t, g in enumerate(grads, start=1):
         d = lam * w * ~mask
-        numerator = b1 * u + (1 - b1) * (g + d)
-        u = b1 * u + (1 - b1) * g
-        v = b2 * v + (1 - b2) * (g + d) ** 2
-        w = w * (1 - lr * wd) - lr * (numerator / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        w = w * (1 - lr * wd)
+        if placement == "step":  # paper 3.2 literally: (1-b1)(g + d) in the numerator, u of g alone, v of g + d
+            numerator = b1 * u + (1 - b1) * (g + d)
+            v = b2 * v + (1 - b2) * (g + d) ** 2
+            u = b1 * u + (1 - b1) * g
+        else:  # the authors' adamw.py: update = u + d with weight 1, v of the update
+            u = b1 * u + (1 - b1) * g
+            numerator = u + d
+            v = b2 * v + (1 - b2) * numerator**2
+        w = w - lr * (numerator / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
     return w
 
 
+@pytest.mark.parametrize("placement", ["step", "update"])
 @pytest.mark.parametrize("lam", [0.0, 0.3])
-def test_sparse_adamw_matches_reference_and_adamw(lam):
+def test_sparse_adamw_matches_reference_and_adamw(lam, placement):
     torch.manual_seed(0)
     w0 = torch.randn(4, 8)
     mask = nm_mask(w0.abs(), 2, 4)
     grads = [torch.randn(4, 8) for _ in range(3)]
-    param = nn.Parameter(w0.clone())
-    opt = SparseAdamW([param], masks={param: lambda: mask}, lr=0.1, weight_decay=0.01, srste_decay=lam)
+    param, free = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    opt = SparseAdamW([param, free], masks={param: lambda: mask}, placement=placement, lr=0.1, weight_decay=0.01,
+                      srste_decay=lam)
     for g in grads:
-        param.grad = g.clone()
+        param.grad, free.grad = g.clone(), g.clone()
         opt.step()
-    torch.testing.assert_close(param.detach(), adamw_reference(w0, grads, mask, lam, wd=0.01))
-    if lam == 0.0:
+    torch.testing.assert_close(param.detach(), adamw_reference(w0, grads, mask, lam, placement, wd=0.01))
+    plain = nn.Parameter(w0.clone())
+    torch_opt = torch.optim.AdamW([plain], lr=0.1, weight_decay=0.01)
+    for g in grads:
+        plain.grad = g.clone()
+        torch_opt.step()
+    torch.testing.assert_close(free.detach(), plain.detach())  # a parameter without a mask is plain AdamW
+    if lam == 0.0 and placement == "step":
         plain = nn.Parameter(w0.clone())
         torch_opt = torch.optim.AdamW([plain], lr=0.1, weight_decay=0.01)
         for g in grads:
@@ -108,11 +122,12 @@ def test_sparse_adamw_matches_reference_and_adamw(lam):
         torch.testing.assert_close(param.detach(), plain.detach())
 
 
-def test_decoupled_decay_shrinks_only_pruned_weights():
-    w0 = torch.randn(4, 8)
+@pytest.mark.parametrize("placement", ["step", "update"])
+def test_optimizer_decay_shrinks_only_pruned_weights(placement):
+    w0 = torch.randn(4, 8).sign() * (0.5 + torch.rand(4, 8))  # |w| >= 0.5: "update"'s first step is 10 lr
     mask = nm_mask(w0.abs(), 2, 4)
     param = nn.Parameter(w0.clone())
-    opt = SparseAdamW([param], masks={param: lambda: mask}, lr=0.01, srste_decay=1e-3)
+    opt = SparseAdamW([param], masks={param: lambda: mask}, placement=placement, lr=0.01, srste_decay=1e-3)
     param.grad = torch.zeros_like(w0)
     opt.step()
     after = param.detach()
@@ -136,7 +151,7 @@ def test_kl_matches_slow_reference_and_vanishes_for_equal_logits():
 
 def test_conv1d_masks_group_along_inputs():
     conv = Conv1D(6, 8)  # weight [in=8, out=6]
-    layers = attach_sparse_layers(nn.ModuleDict({"c": conv}), PATTERN)
+    layers = attach_sparse_layers(nn.ModuleDict({"c": conv}), PATTERN, targets=["c"])
     assert isinstance(layers["c"], SparseConv1D)
     assert follows_nm((conv.weight * conv.sparse_mask).t(), 2, 4)
     x = torch.randn(2, 3, 8)
@@ -171,7 +186,7 @@ def train_tiny(tmp_path, teacher=None, **overrides):
     return trainer, recorder
 
 
-@pytest.mark.parametrize("placement", ["decoupled", "gradient"])
+@pytest.mark.parametrize("placement", ["step", "update", "gradient"])
 def test_dynamic_masks_stay_nm_flip_and_finalize_to_plain_model(tmp_path, placement):
     trainer, recorder = train_tiny(tmp_path, srste_placement=placement, finalize_at_end=False)
     assert all(isinstance(layer, SparseLinear) for layer in trainer.sparse_layers.values())
@@ -230,7 +245,7 @@ def test_distillation_term_is_zero_when_student_equals_teacher(tmp_path):
     with torch.no_grad():
         for module in student.modules():
             if isinstance(module, nn.Linear) and module is not student.lm_head:
-                module.weight.mul_(weight_mask(module.weight, PATTERN))
+                module.weight.mul_(magnitude_mask(module, PATTERN))
     teacher = copy.deepcopy(student)
     batch = {"input_ids": TokenDataset().ids[:4], "labels": TokenDataset().ids[:4]}
     losses = []

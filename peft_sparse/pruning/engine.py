@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
+from ..modeling import find_decoder_blocks, out_in, select_sparse_modules
+from ..sparsity import SparsityPattern
 from .base import Pruner
 from .magnitude import magnitude_prune
 from .registry import get_pruner
@@ -79,78 +79,26 @@ class _Target:
         return self.owner.stats if self.owner is not None else self.stats
 
 
-def is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The outermost ``nn.ModuleList`` holding ``config.num_hidden_layers`` modules, with its qualified name."""
-    config = getattr(model, "config", None)
-    num_layers = getattr(config, "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and num_layers is not None and len(module) == num_layers:
-            return name, module
-    model_type = getattr(config, "model_type", type(model).__name__)
-    raise ValueError(
-        f"Cannot find the decoder blocks of model type {model_type!r}: no nn.ModuleList of length "
-        f"config.num_hidden_layers={num_layers}. peft_sparse prunes decoder-only causal LMs whose blocks sit in one "
-        "nn.ModuleList (Llama, Mistral, Qwen2, Gemma, Phi, OPT, GPT-2, GPT-NeoX, ...)."
-    )
-
-
-def _compile(patterns: list[str], key: str) -> list[re.Pattern[str]]:
-    try:
-        return [re.compile(p) for p in patterns]
-    except re.error as exc:
-        raise ValueError(f"Invalid regular expression in {key}: {exc}.") from None
-
-
-def select_targets(model: nn.Module, blocks_name: str, config: SparsityConfig) -> dict[str, nn.Module]:
-    """Linear/Conv1D modules to prune: inside the decoder blocks by default, else those matching ``targets``."""
-    prefix = f"{blocks_name}."
-    targets = _compile(config.targets, "targets") if config.targets is not None else None
-    ignore = _compile(config.ignore, "ignore")
-    selected = {
-        name: module
-        for name, module in model.named_modules()
-        if is_prunable(module)
-        and (name.startswith(prefix) if targets is None else any(p.search(name) for p in targets))
-        and not any(p.search(name) for p in ignore)
-    }
-    if not selected:
-        raise ValueError(
-            f"No Linear/Conv1D layer left to prune (targets={config.targets}, ignore={config.ignore}); "
-            f"layer names look like {next(iter(_linear_names(model, prefix)), '<none>')!r}."
-        )
-    outside = sorted(name for name in selected if not name.startswith(prefix))
+def plan(
+    model: nn.Module, pattern: SparsityPattern, targets: list[str] | None = None, ignore: list[str] | tuple = ()
+) -> Plan:
+    """Resolve and check blocks and targets (:func:`~peft_sparse.modeling.select_sparse_modules`); raises before
+    anything is modified. Sequential pruning needs every target inside a decoder block."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    selected = select_sparse_modules(model, targets, ignore)
+    per_block = []
+    for block in blocks:
+        members = {id(module) for module in block.modules()}
+        per_block.append({name: module for name, module in selected.items() if id(module) in members})
+    placed = {name for block_targets in per_block for name in block_targets}
+    outside = [name for name in selected if name not in placed]
     if outside:
         raise ValueError(
-            f"Only layers inside the decoder blocks ({prefix}*) can be pruned sequentially, but targets also match "
-            f"{outside[:3]}; narrow `targets` or add them to `ignore`."
+            f"Only layers inside the decoder blocks ({blocks_name}.*) can be pruned sequentially, but targets also "
+            f"match {outside[:3]}; narrow `targets` or add them to `ignore`."
         )
-    return selected
-
-
-def _linear_names(model: nn.Module, prefix: str) -> Iterator[str]:
-    return (name for name, module in model.named_modules() if is_prunable(module) and name.startswith(prefix))
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as an ``(out, in)`` matrix; transformers ``Conv1D`` stores ``(in, out)``."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
-
-
-def plan(model: nn.Module, config: SparsityConfig) -> Plan:
-    """Resolve and check blocks and targets; raises before anything is modified."""
-    blocks_name, blocks = find_decoder_blocks(model)
-    targets = select_targets(model, blocks_name, config)
-    pattern = config.sparsity_pattern
-    for name, module in targets.items():
-        pattern.check_width(weight_matrix(module).shape[1], name)
-    per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
-    for name, module in targets.items():
-        index = int(name[len(blocks_name) + 1 :].split(".", 1)[0])
-        per_block[index][name] = module
+    for name, module in selected.items():
+        pattern.check_width(out_in(module).shape[1], name)
     return Plan(blocks=blocks, targets=per_block)
 
 
@@ -257,7 +205,7 @@ def reconstruction_error(x: torch.Tensor, dense: torch.Tensor, pruned: torch.Ten
 
 def _prune_target(target: _Target, pruner: Pruner, device: torch.device) -> LayerReport:
     start = time.perf_counter()
-    matrix = weight_matrix(target.module)
+    matrix = out_in(target.module)
     dense = matrix.detach().to(device=device, dtype=torch.float32)
     if pruner.needs_data and target.shared_stats is None:  # e.g. an MoE expert no calibration token reached
         logger.warning("%s received no calibration input; pruning it by magnitude instead.", target.name)

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..modeling import compile_patterns
 from ..sparsity import SparsityPattern
+from ..tuners.slorb.config import SLORB_INITS
 
-MASK_METRICS = ("magnitude",)
 MASK_INITS = ("magnitude", "pruned")
 PRUNED_VALUES = ("zero", "teacher")
-SRSTE_PLACEMENTS = ("decoupled", "gradient")
-SLORB_INITS = ("mean", "zero", "xavier")
+SRSTE_PLACEMENTS = ("gradient", "step", "update")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -25,18 +25,22 @@ class SparseTrainingArguments(TrainingArguments):
     """:class:`~transformers.TrainingArguments` plus the knobs of sparse retraining (paper sections 3.2, 4.2-4.4).
 
     Args:
-        sparsity_pattern: ``"N:M"`` (N kept of every M inputs) or an unstructured ratio; default ``"2:4"``.
-        mask_metric: score the dynamic mask is recomputed from; ``"magnitude"`` (the paper finds activation-aware
-            metrics go stale as weights move).
+        pattern: ``"N:M"`` (N kept of every M inputs) or an unstructured ratio; default ``"2:4"``. Masks are
+            recomputed by magnitude (the paper finds activation-aware metrics go stale as weights move).
+        targets / ignore: regular expressions over module names, as in :class:`~peft_sparse.SparsityConfig`; by
+            default every Linear / Conv1D inside the decoder blocks, the modules :func:`peft_sparse.prune` prunes.
         mask_update_interval: recompute masks from the live dense weights every this many optimizer steps.
-        srste_decay: final SR-STE decay lambda on the pruned weights (paper: 6e-5 .. 3e-4).
+        srste_decay: final SR-STE decay lambda on the pruned weights. Its strength depends on the placement: the
+            paper's values (6e-5 .. 3e-4) were tuned with the authors' ``"update"`` optimizer.
         srste_ramp_steps: annealing SR-STE: lambda grows linearly from 0 to ``srste_decay`` over this many steps,
             then holds. ``0`` gives the static SR-STE ablation; ``None`` ramps over the first quarter of training.
-        srste_placement: where the decay enters Adam. ``"decoupled"`` (default, paper section 3.2): the decay is
-            kept out of the first moment and added to the update numerator, with the second moment built from
-            gradient + decay (:class:`SparseAdamW`). ``"gradient"``: classic SR-STE, added to the gradient in the
-            backward pass, so it passes through both moments and gradient clipping (works with any optimizer and
-            with FSDP).
+        srste_placement: where the decay ``d = λ·(¬m ⊙ W)`` enters Adam (:mod:`peft_sparse.training.optim`).
+            ``"gradient"``: added to the loss gradient in the backward (classic SR-STE, ref. [21]: both moments and
+            gradient clipping see it; works with any optimizer and with FSDP). ``"step"``: one literal reading of the
+            paper's section 3.2 formula, ``(1-β1)·d`` added to the current step only, kept out of the momentum.
+            ``"update"``: the authors' optimizer, ``d`` added to the Adam update with weight 1 and the second moment
+            taken of that update. At equal λ, ``"gradient"`` pulls about 10x harder than ``"step"``, and
+            ``"update"`` harder still (``bench/srste_pull.py`` measures the conversion).
         distill_alpha / distill_temperature: loss = CE + alpha * T^2 * KL(teacher || student) at temperature T.
             Only used when a teacher is given to :class:`SparseTrainer`.
         frozen_mask: Wanda-style baseline: the step-0 mask is fixed, pruned weights are zeroed and only kept weights
@@ -45,7 +49,6 @@ class SparseTrainingArguments(TrainingArguments):
             :func:`peft_sparse.prune` (e.g. SparseGPT), which helps when the token budget is small.
         pruned_values: with ``mask_init="pruned"``, the dense values the pruned weights restart from: ``"zero"`` or
             ``"teacher"`` (copied from the dense teacher so pruned knowledge can come back when masks flip).
-        sparse_ignore: regular expressions of Linear module names to leave dense (the output embedding always is).
         slorb_k: AST-Boosted: add SLoRB (section 4.4) with ``k`` inputs per group (rank n/k) to every sparse layer,
             trained jointly with the dense weights; ``None`` (default) is AST-Naive.
         slorb_init: SLoRB initialisation: ``"mean"`` of the pruned weights per group (paper), ``"zero"``, ``"xavier"``.
@@ -53,20 +56,22 @@ class SparseTrainingArguments(TrainingArguments):
             ``save_model`` writes an exactly N:M model that loads in plain transformers.
     """
 
-    sparsity_pattern: str = field(default="2:4", metadata={"help": "'N:M' = keep N of every M input weights."})
-    mask_metric: str = field(default="magnitude", metadata={"help": f"Dynamic mask score, one of {MASK_METRICS}."})
+    pattern: str = field(default="2:4", metadata={"help": "'N:M' = keep N of every M input weights."})
+    targets: list[str] | None = field(
+        default=None, metadata={"help": "Module-name regexes to sparsify (default: the decoder blocks' linears)."}
+    )
+    ignore: list[str] = field(default_factory=list, metadata={"help": "Module-name regexes left dense."})
     mask_update_interval: int = field(default=10, metadata={"help": "Optimizer steps between mask updates."})
     srste_decay: float = field(default=1e-4, metadata={"help": "Final SR-STE decay on pruned weights."})
     srste_ramp_steps: int | None = field(
         default=None, metadata={"help": "Annealing ramp length; 0 = constant; None = a quarter of training."}
     )
-    srste_placement: str = field(default="decoupled", metadata={"help": f"One of {SRSTE_PLACEMENTS}."})
+    srste_placement: str = field(default="step", metadata={"help": f"One of {SRSTE_PLACEMENTS}."})
     distill_alpha: float = field(default=2.0, metadata={"help": "Weight of the KL distillation term."})
     distill_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})
     frozen_mask: bool = field(default=False, metadata={"help": "Fix the step-0 mask and train kept weights only."})
     mask_init: str = field(default="magnitude", metadata={"help": f"Initial mask, one of {MASK_INITS}."})
     pruned_values: str = field(default="zero", metadata={"help": f"Restart values of pruned weights {PRUNED_VALUES}."})
-    sparse_ignore: list[str] = field(default_factory=list, metadata={"help": "Module-name regexes left dense."})
     slorb_k: int | None = field(default=None, metadata={"help": "AST-Boosted: SLoRB group size k (e.g. 16)."})
     slorb_init: str = field(default="mean", metadata={"help": f"SLoRB init, one of {SLORB_INITS}."})
     finalize_at_end: bool = field(default=True, metadata={"help": "Hard-prune to the final mask after train()."})
@@ -77,8 +82,10 @@ class SparseTrainingArguments(TrainingArguments):
 
     def validate_sparse_arguments(self) -> None:
         """Fail on bad sparse settings before the (slow) TrainingArguments setup."""
-        SparsityPattern.parse(self.sparsity_pattern)
-        _check_choice("mask_metric", self.mask_metric, MASK_METRICS)
+        SparsityPattern.parse(self.pattern)
+        if self.targets is not None:
+            compile_patterns(self.targets, "targets")
+        compile_patterns(self.ignore, "ignore")
         _check_choice("mask_init", self.mask_init, MASK_INITS)
         _check_choice("pruned_values", self.pruned_values, PRUNED_VALUES)
         _check_choice("srste_placement", self.srste_placement, SRSTE_PLACEMENTS)
@@ -102,9 +109,8 @@ class SparseTrainingArguments(TrainingArguments):
         if self.slorb_k is not None and (isinstance(self.slorb_k, bool) or not isinstance(self.slorb_k, int)
                                          or self.slorb_k < 2):
             raise ValueError(f"slorb_k must be an integer >= 2 dividing the layer widths (paper: 16-64), got {self.slorb_k!r}.")
-        if isinstance(self.sparse_ignore, str):
-            raise TypeError("sparse_ignore is a list of regular expressions, not a single string.")
 
     @property
-    def pattern(self) -> SparsityPattern:
-        return SparsityPattern.parse(self.sparsity_pattern)
+    def sparsity_pattern(self) -> SparsityPattern:
+        """The parsed ``pattern`` (the same rule as :class:`~peft_sparse.SparsityConfig`)."""
+        return SparsityPattern.parse(self.pattern)

@@ -13,22 +13,19 @@ Design (FSDP/DDP safe, plain checkpoints):
 from __future__ import annotations
 
 import contextlib
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..modeling import out_in, select_sparse_modules, to_storage
 from ..sparsity import SparsityPattern, pattern_mask, validate_nm
 
 
-def weight_mask(weight: torch.Tensor, pattern: SparsityPattern, input_dim: int = -1) -> torch.Tensor:
-    """Magnitude keep-mask of ``weight`` with groups along ``input_dim``, returned in ``weight``'s layout."""
-    scores = weight.detach().abs()
-    if input_dim in (-1, weight.dim() - 1):
-        return pattern_mask(scores, pattern)
-    return pattern_mask(scores.transpose(input_dim, -1), pattern).transpose(input_dim, -1)
+def magnitude_mask(module: nn.Module, pattern: SparsityPattern) -> torch.Tensor:
+    """Magnitude keep-mask of ``module``'s weight (groups along its inputs), in the weight's storage layout."""
+    return to_storage(module, pattern_mask(out_in(module).detach().abs(), pattern))
 
 
 class MaskedWeight(torch.autograd.Function):
@@ -63,7 +60,6 @@ class SparseWeightMixin:
     ``sparse_update_pending`` (recompute the mask at the next forward) and ``sparse_flips`` (last update's counts).
     """
 
-    input_dim = -1
     dense_class: type[nn.Module]
 
     def masked_weight(self) -> torch.Tensor:
@@ -83,7 +79,7 @@ class SparseWeightMixin:
     @torch.no_grad()
     def update_mask(self) -> None:
         """Recompute the mask from the live dense weight and record flips vs the previous and initial mask."""
-        new = weight_mask(self.weight, self.sparse_pattern, self.input_dim)
+        new = magnitude_mask(self, self.sparse_pattern)
         self.sparse_flips = (int((new != self.sparse_mask).sum()), int((new != self.initial_mask).sum()))
         self.sparse_mask.copy_(new)
         self.sparse_update_pending = False
@@ -99,7 +95,6 @@ class SparseLinear(SparseWeightMixin, nn.Linear):
 class SparseConv1D(SparseWeightMixin, Conv1D):
     """GPT-2 style ``Conv1D``: weight is ``[in, out]``, so N:M groups run along dim 0."""
 
-    input_dim = 0
     dense_class = Conv1D
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,25 +109,21 @@ _SPARSE_ATTRIBUTES = (
 SPARSE_CLASSES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: SparseLinear, Conv1D: SparseConv1D}
 
 
-def find_sparse_targets(model: nn.Module, ignore: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    """Linear / Conv1D modules to sparsify: all of them except the output embedding and ``ignore`` matches."""
-    get_output = getattr(model, "get_output_embeddings", None)
-    output_embedding = get_output() if callable(get_output) else None
-    patterns = [re.compile(p) for p in ignore]
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if type(module) in SPARSE_CLASSES
-        and module is not output_embedding
-        and not any(p.search(name) for p in patterns)
-    }
+def _sparse_class(module: nn.Module, name: str) -> type[nn.Module]:
+    """The masked class to swap ``module`` to; subclasses with their own forward cannot be swapped."""
+    if type(module) not in SPARSE_CLASSES:
+        raise TypeError(
+            f"{name} is a {type(module).__name__}, a subclass of {type(module).__mro__[1].__name__} with its own "
+            "forward, which sparse training cannot mask; leave it out with `ignore`."
+        )
+    return SPARSE_CLASSES[type(module)]
 
 
 def attach_sparse_layer(
     module: nn.Module, pattern: SparsityPattern, mask: torch.Tensor, straight_through: bool = True
 ) -> SparseWeightMixin:
     """Swap ``module`` to its sparse class in place with ``mask`` as current and initial mask."""
-    module.__class__ = SPARSE_CLASSES[type(module)]
+    module.__class__ = _sparse_class(module, type(module).__name__)
     module.register_buffer("sparse_mask", mask.to(device=module.weight.device, dtype=torch.bool), persistent=False)
     module.register_buffer("initial_mask", module.sparse_mask.clone(), persistent=False)
     module.sparse_pattern = pattern
@@ -144,27 +135,22 @@ def attach_sparse_layer(
 
 
 def attach_sparse_layers(
-    model: nn.Module, pattern: SparsityPattern, ignore: list[str] | tuple[str, ...] = (), straight_through: bool = True
+    model: nn.Module,
+    pattern: SparsityPattern,
+    targets: list[str] | None = None,
+    ignore: list[str] | tuple[str, ...] = (),
+    straight_through: bool = True,
 ) -> dict[str, SparseWeightMixin]:
-    """Sparsify every target of ``model`` with its magnitude mask (= the existing mask of an already pruned model)."""
-    targets = find_sparse_targets(model, ignore)
-    if not targets:
-        raise ValueError("No nn.Linear / Conv1D layers to sparsify were found; check `sparse_ignore`.")
-    for name, module in targets.items():
-        pattern.check_width(module.weight.shape[_input_dim(module)], name)
+    """Sparsify the selected modules (:func:`~peft_sparse.modeling.select_sparse_modules`, the same default as
+    :func:`peft_sparse.prune`) with their magnitude masks (= the existing mask of an already pruned model)."""
+    selected = select_sparse_modules(model, targets, ignore)
+    for name, module in selected.items():
+        _sparse_class(module, name)
+        pattern.check_width(out_in(module).shape[1], name)
     return {
-        name: attach_sparse_layer(module, pattern, weight_mask(module.weight, pattern, _input_dim(module)), straight_through)
-        for name, module in targets.items()
+        name: attach_sparse_layer(module, pattern, magnitude_mask(module, pattern), straight_through)
+        for name, module in selected.items()
     }
-
-
-def _input_dim(module: nn.Module) -> int:
-    return 0 if isinstance(module, Conv1D) else -1
-
-
-def grouped_weight(module: nn.Module) -> torch.Tensor:
-    """The weight with its input (N:M grouping) dimension last."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
 @torch.no_grad()
@@ -193,4 +179,4 @@ def finalize_sparse_layers(model: nn.Module, layers: dict[str, SparseWeightMixin
         for name, layer in layers.items():
             detach_sparse_layer(layer)
             if pattern.is_nm:
-                validate_nm(grouped_weight(layer), pattern.n, pattern.m, name)
+                validate_nm(out_in(layer), pattern.n, pattern.m, name)

@@ -4,9 +4,9 @@ Per optimizer step ``t`` (set up before the first micro-batch's forward):
 
 * every ``mask_update_interval`` steps the masked layers recompute their N:M magnitude masks from the live dense
   weights inside their forward, and the flip rate / initial flip rate (paper section 3.3) are logged;
-* the annealed SR-STE decay ``λ(t)`` is handed to :class:`SparseAdamW` (``"decoupled"``, default) or to the layers'
-  straight-through backward (``"gradient"``, divided by the micro-batch count so gradient accumulation and DDP
-  averaging leave ``λ`` unchanged);
+* the annealed SR-STE decay ``λ(t)`` is handed to :class:`SparseAdamW` (placements ``"step"`` and ``"update"``) or
+  to the layers' straight-through backward (``"gradient"``, divided by the micro-batch count so gradient
+  accumulation and DDP averaging leave ``λ`` unchanged);
 * with a teacher, the loss is ``CE + α·T²·KL(teacher‖student)``, normalised like the CE term.
 
 Checkpoints hold the dense weights (plain ``save_pretrained``) plus ``sparse_state.pt`` (current and initial masks);
@@ -25,11 +25,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..modeling import out_in, select_sparse_modules
 from ..sparsity import nm_violations
 from .config import SparseTrainingArguments
-from .layers import attach_sparse_layers, finalize_sparse_layers, find_sparse_targets, grouped_weight
+from .layers import attach_sparse_layers, finalize_sparse_layers
 from .losses import kl_distill_sum, shifted_token_mask
-from .optim import SparseAdamW
+from .optim import OPTIMIZER_PLACEMENTS, SparseAdamW
 from .schedule import resolve_ramp_steps, srste_lambda
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class SparseTrainer(Trainer):
 
     Args:
         model: the student (a plain transformers model, dense or pruned by :func:`peft_sparse.prune`); its Linear
-            layers (except the output embedding and ``args.sparse_ignore``) train dense behind a ``W ⊙ m`` forward.
+            layers selected by ``args.targets`` / ``args.ignore`` (by default the decoder blocks' linears, as
+            :func:`peft_sparse.prune` selects them) train dense behind a ``W ⊙ m`` forward.
             With ``args.slorb_k`` (AST-Boosted) the trainer wraps it in a SLoRB :class:`peft.PeftModel` whose
             adapters are mean-initialised from the initial masks and train jointly with the dense weights.
         args: :class:`SparseTrainingArguments`.
@@ -56,24 +58,28 @@ class SparseTrainer(Trainer):
         _check_inputs(model, args, teacher, kwargs)
         self.teacher = _prepare_teacher(teacher, model, args.device)
         self.sparse_layers = _attach_sparse_layers(model, args, self.teacher)
-        if args.slorb_k is not None:
+        if args.slorb_k is not None:  # before zeroing: the mean init reads the pruned weights
             model = _add_slorb(model, self.sparse_layers, args)
+        if args.frozen_mask:
+            _zero_pruned(self.sparse_layers)
         super().__init__(model=model, args=args, **kwargs)
         self._prepared_step = -1
 
     def create_optimizer(self, model=None):
-        if self.optimizer is None and self._decoupled_decay:
+        if self.optimizer is None and self._optimizer_decay:
             masks = {layer.weight: layer.mask_values for layer in self.sparse_layers.values()}
             kwargs = dict(lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
-                          eps=self.args.adam_epsilon, masks=masks)
+                          eps=self.args.adam_epsilon, masks=masks, placement=self.args.srste_placement)
             if self.args.optim not in ("adamw_torch", "adamw_torch_fused"):
-                logger.warning("srste_placement='decoupled' uses SparseAdamW instead of optim=%r.", self.args.optim)
+                logger.warning("srste_placement=%r uses SparseAdamW instead of optim=%r.", self.args.srste_placement,
+                               self.args.optim)
             self.optimizer_cls_and_kwargs = (SparseAdamW, kwargs)
         return super().create_optimizer(model)
 
     @property
-    def _decoupled_decay(self) -> bool:
-        return self.args.srste_placement == "decoupled" and not self.args.frozen_mask
+    def _optimizer_decay(self) -> bool:
+        """The decay is applied by :class:`SparseAdamW` (else in the backward, or not at all)."""
+        return self.args.srste_placement in OPTIMIZER_PLACEMENTS and not self.args.frozen_mask
 
     # ---- per-step sparse schedule ----
 
@@ -91,12 +97,12 @@ class SparseTrainer(Trainer):
             return False
         self._prepared_step = step
         decay = self.current_srste_decay()
-        in_backward = 0.0 if self._decoupled_decay else decay / self.current_gradient_accumulation_steps
+        in_backward = 0.0 if self._optimizer_decay else decay / self.current_gradient_accumulation_steps
         update = not self.args.frozen_mask and step > 0 and step % self.args.mask_update_interval == 0
         for layer in self.sparse_layers.values():
             layer.sparse_decay = in_backward
             layer.sparse_update_pending = update
-        if self._decoupled_decay:
+        if self._optimizer_decay:
             for group in self.optimizer.param_groups:
                 group["srste_decay"] = decay
         return update
@@ -203,7 +209,7 @@ class SparseTrainer(Trainer):
         peft_sparse. With SLoRB (AST-Boosted) ``output_dir`` gets the N:M base model and ``output_dir/slorb`` the
         adapter (``PeftModel.from_pretrained(base, output_dir + "/slorb")`` after ``import peft_sparse``).
         """
-        finalize_sparse_layers(self.model_wrapped, self.sparse_layers, self.args.pattern)
+        finalize_sparse_layers(self.model_wrapped, self.sparse_layers, self.args.sparsity_pattern)
         self.sparse_layers = {}
         if output_dir is None:
             return
@@ -225,20 +231,23 @@ def _prepare_teacher(teacher: nn.Module | str | None, student: nn.Module, device
 
 def _attach_sparse_layers(model: nn.Module, args: SparseTrainingArguments, teacher) -> dict[str, nn.Module]:
     """Swap the targets to masked layers with their initial masks (magnitude, or the given pruned structure)."""
-    pattern = args.pattern
+    pattern = args.sparsity_pattern
     if args.mask_init == "pruned":
-        _check_pruned(model, pattern, args.sparse_ignore)
-    layers = attach_sparse_layers(model, pattern, args.sparse_ignore, not args.frozen_mask)
+        _check_pruned(model, pattern, args.targets, args.ignore)
+    layers = attach_sparse_layers(model, pattern, args.targets, args.ignore, not args.frozen_mask)
     if args.pruned_values == "teacher":
         _restore_pruned_values(layers, teacher)
-    if args.frozen_mask:
-        with torch.no_grad():
-            for layer in layers.values():
-                layer.weight.mul_(layer.sparse_mask)
     frozen = [name for name, layer in layers.items() if not layer.weight.requires_grad]
     if frozen:
         logger.warning("%d sparse layers have frozen weights (e.g. %s); they will not train.", len(frozen), frozen[0])
     return layers
+
+
+@torch.no_grad()
+def _zero_pruned(layers: dict[str, nn.Module]) -> None:
+    """Frozen-mask baseline: pruned weights start (and, with masked gradients, stay) at zero."""
+    for layer in layers.values():
+        layer.weight.mul_(layer.sparse_mask)
 
 
 def _add_slorb(model: nn.Module, layers: dict[str, nn.Module], args: SparseTrainingArguments) -> PeftModel:
@@ -265,18 +274,18 @@ def _check_inputs(model, args, teacher, kwargs) -> None:
     if args.pruned_values == "teacher" and teacher is None:
         raise ValueError("pruned_values='teacher' copies pruned weights from the teacher; pass teacher=.")
     optimizer = kwargs.get("optimizers", (None, None))[0]
-    if optimizer is not None and args.srste_placement == "decoupled" and not args.frozen_mask:
+    if optimizer is not None and args.srste_placement in OPTIMIZER_PLACEMENTS and not args.frozen_mask:
         raise ValueError(
-            "srste_placement='decoupled' needs SparseTrainer to build its SparseAdamW; drop `optimizers=` "
-            "or use srste_placement='gradient' (decay added to the gradient) with your own optimizer."
+            f"srste_placement={args.srste_placement!r} needs SparseTrainer to build its SparseAdamW; drop "
+            "`optimizers=` or use srste_placement='gradient' (decay added to the gradient) with your own optimizer."
         )
 
 
-def _check_pruned(model: nn.Module, pattern, ignore) -> None:
+def _check_pruned(model: nn.Module, pattern, targets, ignore) -> None:
     if not pattern.is_nm:
         return
-    for name, module in find_sparse_targets(model, ignore).items():
-        bad = nm_violations(grouped_weight(module), pattern.n, pattern.m)
+    for name, module in select_sparse_modules(model, targets, ignore).items():
+        bad = nm_violations(out_in(module), pattern.n, pattern.m)
         if bad:
             raise ValueError(
                 f"mask_init='pruned' but {name} is not {pattern} sparse ({bad} groups too dense): prune the model "

@@ -11,7 +11,7 @@ from torch import nn
 
 from ...sparsity import SparsityPattern, apply_mask, pattern_mask
 from .._base import AdapterLinearMixin
-from .._weights import check_supported, from_out_in, out_in_weight
+from ...modeling import check_sparse_layer, out_in, to_storage
 from .config import SLoRBConfig
 
 
@@ -58,7 +58,7 @@ class SLoRBLayer(BaseTunerLayer):
     other_param_names = ("k",)
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        check_supported(base_layer, "SLoRB")
+        check_sparse_layer(base_layer, "SLoRB")
         self.base_layer = base_layer
         self.k: dict[str, int] = {}
         self.slorb_S = nn.ParameterDict({})
@@ -66,7 +66,7 @@ class SLoRBLayer(BaseTunerLayer):
         self.allow_dense_merge = False
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.out_features, self.in_features = out_in_weight(base_layer).shape
+        self.out_features, self.in_features = out_in(base_layer).shape
         self.kwargs = kwargs
 
     def update_layer(
@@ -84,7 +84,7 @@ class SLoRBLayer(BaseTunerLayer):
                 f"SLoRB k={k} must divide the input size n={self.in_features} of {self.base_layer}; pick a k that "
                 f"divides {self.in_features} or exclude this module."
             )
-        weight = out_in_weight(self.get_base_layer()).data
+        weight = out_in(self.get_base_layer()).data
         keep = resolve_mask(weight, config.pattern, mask)
         self.k[adapter_name] = k
         self.slorb_S[adapter_name] = nn.Parameter(slorb_init(weight, keep, k, config.init))
@@ -109,7 +109,7 @@ class SLoRBLinear(AdapterLinearMixin, nn.Module, SLoRBLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The dense ``S P`` in the base layer's storage orientation."""
-        return from_out_in(self.get_base_layer(), slorb_dense_delta(self.slorb_S[adapter], self.k[adapter]))
+        return to_storage(self.get_base_layer(), slorb_dense_delta(self.slorb_S[adapter], self.k[adapter]))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         if not self.allow_dense_merge:

@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from .._base import ReplacingTuner
-from .._weights import from_out_in
+from ...modeling import to_storage
 from ..spp.model import TRANSFORMERS_MODELS_TO_SPP_TARGET_MODULES_MAPPING
 from .config import SLoRBConfig
 from .layer import SLoRBLayer, SLoRBLinear
@@ -52,7 +52,7 @@ class SLoRBModel(ReplacingTuner):
                 weight = layer.get_base_layer().weight
                 weight.requires_grad_(True)
                 if name in layer.base_masks:
-                    weight.register_hook(_mask_grad(from_out_in(layer.get_base_layer(), layer.base_masks[name])))
+                    weight.register_hook(_mask_grad(to_storage(layer.get_base_layer(), layer.base_masks[name])))
 
     def _slorb_layers(self) -> Iterator[SLoRBLayer]:
         return (module for module in self.model.modules() if isinstance(module, SLoRBLayer))

@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .._base import AdapterLinearMixin
-from .._weights import check_supported, from_out_in, out_in_weight
+from ...modeling import check_sparse_layer, out_in, to_storage
 from .config import SPPConfig
 
 
@@ -86,7 +86,7 @@ class SPPLayer(BaseTunerLayer):
     other_param_names = ("r", "scaling", "spp_dropout", "memory_efficient")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        check_supported(base_layer, "SPP")
+        check_sparse_layer(base_layer, "SPP")
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
@@ -96,7 +96,7 @@ class SPPLayer(BaseTunerLayer):
         self.spp_dropout = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.out_features, self.in_features = out_in_weight(base_layer).shape
+        self.out_features, self.in_features = out_in(base_layer).shape
         self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, config: SPPConfig, inference_mode: bool = False, **kwargs: Any) -> None:
@@ -123,7 +123,7 @@ class SPPLayer(BaseTunerLayer):
         """``1 + s * M`` in float32, in the base layer's storage orientation."""
         alpha, beta = self.spp_alpha[adapter].float(), self.spp_beta[adapter].float()
         factor = 1.0 + self.scaling[adapter] * spp_multiplier(alpha, beta, self.out_features)
-        return from_out_in(self.get_base_layer(), factor)
+        return to_storage(self.get_base_layer(), factor)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``s * W'`` for the current base weight, so that merging gives ``W + s * W'`` (Eq. 5)."""
@@ -171,7 +171,7 @@ class SPPLinear(AdapterLinearMixin, nn.Module, SPPLayer):
 
     def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``s * Dropout(x) W'^T`` in the base weight's dtype, block form unless ``memory_efficient=False``."""
-        weight = out_in_weight(self.get_base_layer())
+        weight = out_in(self.get_base_layer())
         delta = spp_delta_blocked if self.memory_efficient[name] else spp_delta_naive
         x_drop = self.spp_dropout[name](x).to(weight.dtype)
         alpha, beta = self.spp_alpha[name].to(weight.dtype), self.spp_beta[name].to(weight.dtype)
