@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -34,9 +35,23 @@ SMOLLM2_CACHE_ENV = "PEFT_SPARSE_SMOLLM2_DIR"
 SMOLLM2_CONVERTED = "hf"  # subdirectory holding the converted, save_pretrained copy
 
 
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the Hub's repo-id shape: ``name`` or ``org/name`` of letters, digits, ``-_.``."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def _looks_like_path(name: str) -> bool:
-    """Local-path syntax (hub ids are ``name`` or ``org/name``)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith(".gguf")
+    """Whether ``name`` can only mean a local path, so that a missing one is reported as such, not as a Hub failure.
+
+    The rule: it starts with ``.``, ``/`` or ``~`` (``./m``, ``../ckpt``, ``/tmp/x``, ``~/m``), ends with ``.gguf``,
+    or is not a valid hub id (a backslash, two or more ``/``, a space, a trailing ``/``, ...). Anything else that does
+    not exist here (``gpt2``, ``org/name``) is a hub id.
+    """
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or not _is_hub_id(name)
 
 
 def _resolve_local(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -47,7 +62,11 @@ def _resolve_local(name_or_path: str, gguf_file: str | None) -> tuple[str, str |
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name_or_path!r} is a file; pass the model directory (or a .gguf file).")
     if not path.exists() and _looks_like_path(name_or_path):
-        raise FileNotFoundError(f"Model directory {name_or_path!r} does not exist; pass a local directory or a hub id.")
+        kind = "file" if name_or_path.endswith(".gguf") else "directory"
+        raise FileNotFoundError(
+            f"no such {kind}: {name_or_path!r}; pass an existing model directory, a .gguf file, "
+            "or a hub id ('name' or 'org/name')."
+        )
     if path.is_dir():
         if gguf_file is not None and not (path / gguf_file).is_file():
             raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {name_or_path!r}.")

@@ -108,7 +108,7 @@ def test_missing_and_unsupported_models_exit_2(tmp_path, capsys):
     (tmp_path / "weights.bin").write_bytes(b"\0")
     ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "vit")
     for model, message in [
-        (tmp_path / "nope", "does not exist"),
+        (tmp_path / "nope", "no such directory"),
         (empty, "no config.json"),
         (tmp_path / "weights.bin", "is a file"),
         (tmp_path / "vit", "'vit' model, which has no causal language-model head"),
@@ -117,6 +117,24 @@ def test_missing_and_unsupported_models_exit_2(tmp_path, capsys):
         assert code == 2 and message in err
     assert not (tmp_path / "out").exists()
 
+
+
+def error_line(err: str) -> str:
+    """The CLI's one error line: the last stderr line (earlier ones are transformers' logs and progress bars)."""
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("peft-sparse ")] == lines[-1:]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("name", ["./my-model", "../ckpt", "~/no-such-peft-sparse-model", "runs/1/hf", "my model"])
+def test_missing_local_path_says_no_such_directory(tmp_path, capsys, monkeypatch, name):
+    from peft_sparse import models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models, "AutoConfig", None)  # the Hub must not be asked
+    code, _, err = run(capsys, "eval", name)
+    assert code == 2 and error_line(err).startswith(f"peft-sparse eval: error: no such directory: {name!r}")
+    assert list(tmp_path.iterdir()) == []
 
 def test_unknown_method_is_an_argparse_error(tmp_path, capsys, tiny_model_dir):
     with pytest.raises(SystemExit) as exit_info:

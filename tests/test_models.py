@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import zipfile
 
 import pytest
@@ -13,20 +14,11 @@ from peft_sparse import models
 from peft_sparse.models import fetch_smollm2_gguf, load_model_and_tokenizer, smollm2_cache_dir
 
 
-def test_local_directory_round_trip(tiny_model_dir, tiny_model_factory, tiny_tokenizer):
-    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
-    reference = tiny_model_factory("llama", vocab_size=len(tiny_tokenizer))
-    assert not model.training and next(model.parameters()).dtype == torch.float32
-    assert all(torch.equal(t, reference.state_dict()[k]) for k, t in model.state_dict().items())
-    assert tokenizer("for loop").input_ids == tiny_tokenizer("for loop").input_ids
-    half, _ = load_model_and_tokenizer(str(tiny_model_dir), dtype=torch.bfloat16)
-    assert next(half.parameters()).dtype == torch.bfloat16
-
-
 @pytest.mark.parametrize(
     ("make", "error", "match"),
     [
-        (lambda tmp: tmp / "absent", FileNotFoundError, "does not exist"),
+        (lambda tmp: tmp / "absent", FileNotFoundError, "no such directory"),
+        (lambda tmp: tmp / "absent.gguf", FileNotFoundError, "no such file"),
         (lambda tmp: tmp, ValueError, "no config.json"),
         (lambda tmp: tmp / "notes.txt", ValueError, "is a file"),
     ],
@@ -35,6 +27,19 @@ def test_bad_locations_fail_before_loading(tmp_path, make, error, match):
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(error, match=match):
         load_model_and_tokenizer(str(make(tmp_path)))
+
+
+
+@pytest.mark.parametrize("name", ["./absent-model", "../absent-ckpt", "~/absent-peft-sparse-model", "runs/a/b",
+                                  "ckpt dir", "models\\llama", "runs/"])
+def test_names_that_can_only_be_paths_are_never_sent_to_the_hub(monkeypatch, name):
+    monkeypatch.setattr(models, "AutoConfig", None)  # any Hub or config access would fail with a TypeError
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no such directory: {name!r}")):
+        load_model_and_tokenizer(name)
+
+
+def test_hub_id_shapes_are_not_paths():
+    assert not any(models._looks_like_path(name) for name in ("gpt2", "HuggingFaceTB/SmolLM2-135M", "org/m.v1"))
 
 
 def test_missing_gguf_file_is_named(tiny_model_dir):
