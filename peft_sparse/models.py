@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +78,47 @@ def _resolve_local(name_or_path: str, gguf_file: str | None) -> tuple[str, str |
     return name_or_path, gguf_file
 
 
+DECODER_LMS = "peft_sparse prunes decoder-only causal LMs (Llama, Mistral, Qwen2, OPT, GPT-2, ...)"
+_SHOWN_KEYS = 3  # weight names quoted in a refusal
+
+
 def _check_causal_lm(config, name: str) -> None:
-    """Refuse architectures without a causal-LM head before any weights or tokenizer are loaded."""
+    """Refuse anything but a decoder-only causal LM before any weights or tokenizer are loaded.
+
+    Being in ``MODEL_FOR_CAUSAL_LM_MAPPING`` is not enough: transformers also lists encoders there (BERT, RoBERTa,
+    ELECTRA, ...; their ``*LMHeadModel``/``*ForCausalLM`` is the decoder half of an encoder-decoder pair, and it
+    only attends causally with ``is_decoder=True``) and the decoders of encoder-decoder models (BART, Marian, ...).
+    """
+    kind = config.model_type
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        problem = f"a {kind!r} model, which has no causal language-model head in transformers"
+    elif getattr(config, "is_encoder_decoder", False):
+        problem = f"a {kind!r} encoder-decoder model"
+    elif type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False):
+        problem = f"a {kind!r} encoder (bidirectional attention, is_decoder=False)"
+    else:
+        return
+    raise ValueError(f"{name!r} is {problem}; {DECODER_LMS}. Pass the checkpoint of such a model.")
+
+
+def _key_names(keys) -> list[str]:
+    """Sorted weight names from loading-info entries (names, or ``(name, checkpoint shape, model shape)``)."""
+    return sorted(key[0] if isinstance(key, tuple) else key for key in keys)
+
+
+def _check_loading_info(info: dict, model: torch.nn.Module, name: str) -> None:
+    """Refuse a checkpoint that leaves weights of the model missing or of the wrong shape (randomly initialised)."""
+    problems = []
+    for field, what in (("missing_keys", "missing from the checkpoint"), ("mismatched_keys", "of the wrong shape")):
+        keys = _key_names(info.get(field) or ())
+        if keys:
+            shown = ", ".join(keys[:_SHOWN_KEYS]) + (f", ... ({len(keys)} in all)" if len(keys) > _SHOWN_KEYS else "")
+            problems.append(f"{what}: {shown}")
+    if problems:
         raise ValueError(
-            f"{name!r} is a {config.model_type!r} model, which has no causal language-model head in transformers; "
-            "peft_sparse works on decoder LMs (Llama, Mistral, Qwen2, OPT, GPT-2, ...)."
+            f"{name!r} does not cover the weights of {type(model).__name__}; transformers would initialise them at "
+            f"random ({'; '.join(problems)}). Use a complete checkpoint of a decoder-only causal LM "
+            "(download it again, or save it with save_pretrained from the model it came from)."
         )
 
 
@@ -112,6 +147,10 @@ def load_model_and_tokenizer(
         name_or_path: hub id, local model directory, or path to a ``.gguf`` file.
         dtype: parameter dtype (default float32; GGUF weights are dequantized to it).
         gguf_file: GGUF file name inside ``name_or_path``; the model is rebuilt so that it can be saved.
+
+    Raises ``ValueError`` for what peft_sparse must not prune: an encoder, an encoder-decoder or a non-LM config (from
+    config.json, before the tokenizer and weights load), and a checkpoint with weights missing or of the wrong shape
+    (which transformers would only log and initialise at random); ``FileNotFoundError`` for a missing local path.
     """
     location, gguf_file = _resolve_local(name_or_path, gguf_file)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
@@ -119,9 +158,12 @@ def load_model_and_tokenizer(
         if not gguf_file:  # reading a GGUF's config costs as much as its tensors; GGUF files hold LMs anyway
             _check_causal_lm(AutoConfig.from_pretrained(location), name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **extra
+        )  # ignore_mismatched_sizes: report the mismatched names below instead of transformers' RuntimeError
     except OSError as error:  # missing hub repo, no network, missing weight files
         raise ValueError(f"Could not load model {name_or_path!r}: {error}") from error
+    _check_loading_info(info, model, name_or_path)
     if gguf_file:
         model = rebuild_from_gguf(model, dtype)
     return model.eval(), tokenizer

@@ -126,6 +126,35 @@ def error_line(err: str) -> str:
     return lines[-1]
 
 
+def test_encoder_model_is_refused_without_output(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    code, _, err = run(capsys, "prune", tmp_path / "bert", "--method", "magnitude", "--output", tmp_path / "out")
+    line = error_line(err)
+    assert code == 2 and line.startswith("peft-sparse prune: error: ")
+    assert "'bert' encoder" in line and "peft_sparse prunes decoder-only causal LMs" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_missing_a_weight_is_refused_without_output(tmp_path, capsys, tiny_model_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, damaged)
+    tensors = load_file(damaged / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run(capsys, "prune", damaged, "--method", "magnitude", "--output", tmp_path / "out")
+    line = error_line(err)
+    assert code == 2 and "missing from the checkpoint: model.layers.0.self_attn.q_proj.weight" in line
+    assert "Use a complete checkpoint of a decoder-only causal LM" in line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["./my-model", "../ckpt", "~/no-such-peft-sparse-model", "runs/1/hf", "my model"])
 def test_missing_local_path_says_no_such_directory(tmp_path, capsys, monkeypatch, name):
     from peft_sparse import models
