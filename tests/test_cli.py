@@ -70,7 +70,7 @@ def test_overwrite_replaces_only_when_asked(tmp_path, capsys, tiny_model_dir):
 
 
 def test_failure_while_saving_leaves_no_output(tmp_path, capsys, tiny_model_dir, monkeypatch):
-    import peft_sparse.cli as cli
+    from peft_sparse import cli
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -94,7 +94,7 @@ def test_failure_while_saving_leaves_no_output(tmp_path, capsys, tiny_model_dir,
     ],
 )
 def test_bad_prune_input_exits_2_without_output(tmp_path, capsys, tiny_model_dir, args, message):
-    code, out, err = run(capsys, "prune", tiny_model_dir, *PRUNE_ARGS, *args, "--output", tmp_path / "out")
+    code, _, err = run(capsys, "prune", tiny_model_dir, *PRUNE_ARGS, *args, "--output", tmp_path / "out")
     last = err.strip().splitlines()[-1]  # earlier stderr lines are transformers' progress bars
     assert code == 2 and last.startswith("peft-sparse prune: error: ") and message in last
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
