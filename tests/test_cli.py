@@ -70,7 +70,7 @@ def test_overwrite_replaces_only_when_asked(tmp_path, capsys, tiny_model_dir):
 
 
 def test_failure_while_saving_leaves_no_output(tmp_path, capsys, tiny_model_dir, monkeypatch):
-    import peft_sparse.cli as cli
+    from peft_sparse import cli
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -94,7 +94,7 @@ def test_failure_while_saving_leaves_no_output(tmp_path, capsys, tiny_model_dir,
     ],
 )
 def test_bad_prune_input_exits_2_without_output(tmp_path, capsys, tiny_model_dir, args, message):
-    code, out, err = run(capsys, "prune", tiny_model_dir, *PRUNE_ARGS, *args, "--output", tmp_path / "out")
+    code, _, err = run(capsys, "prune", tiny_model_dir, *PRUNE_ARGS, *args, "--output", tmp_path / "out")
     last = err.strip().splitlines()[-1]  # earlier stderr lines are transformers' progress bars
     assert code == 2 and last.startswith("peft-sparse prune: error: ") and message in last
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
@@ -108,7 +108,7 @@ def test_missing_and_unsupported_models_exit_2(tmp_path, capsys):
     (tmp_path / "weights.bin").write_bytes(b"\0")
     ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "vit")
     for model, message in [
-        (tmp_path / "nope", "does not exist"),
+        (tmp_path / "nope", "no such directory"),
         (empty, "no config.json"),
         (tmp_path / "weights.bin", "is a file"),
         (tmp_path / "vit", "'vit' model, which has no causal language-model head"),
@@ -117,6 +117,53 @@ def test_missing_and_unsupported_models_exit_2(tmp_path, capsys):
         assert code == 2 and message in err
     assert not (tmp_path / "out").exists()
 
+
+
+def error_line(err: str) -> str:
+    """The CLI's one error line: the last stderr line (earlier ones are transformers' logs and progress bars)."""
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("peft-sparse ")] == lines[-1:]
+    return lines[-1]
+
+
+def test_encoder_model_is_refused_without_output(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    code, _, err = run(capsys, "prune", tmp_path / "bert", "--method", "magnitude", "--output", tmp_path / "out")
+    line = error_line(err)
+    assert code == 2 and line.startswith("peft-sparse prune: error: ")
+    assert "'bert' encoder" in line and "peft_sparse prunes decoder-only causal LMs" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_missing_a_weight_is_refused_without_output(tmp_path, capsys, tiny_model_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, damaged)
+    tensors = load_file(damaged / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run(capsys, "prune", damaged, "--method", "magnitude", "--output", tmp_path / "out")
+    line = error_line(err)
+    assert code == 2 and "missing from the checkpoint: model.layers.0.self_attn.q_proj.weight" in line
+    assert "Use a complete checkpoint of a decoder-only causal LM" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["./my-model", "../ckpt", "~/no-such-peft-sparse-model", "runs/1/hf", "my model"])
+def test_missing_local_path_says_no_such_directory(tmp_path, capsys, monkeypatch, name):
+    from peft_sparse import models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models, "AutoConfig", None)  # the Hub must not be asked
+    code, _, err = run(capsys, "eval", name)
+    assert code == 2 and error_line(err).startswith(f"peft-sparse eval: error: no such directory: {name!r}")
+    assert list(tmp_path.iterdir()) == []
 
 def test_unknown_method_is_an_argparse_error(tmp_path, capsys, tiny_model_dir):
     with pytest.raises(SystemExit) as exit_info:

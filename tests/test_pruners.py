@@ -35,19 +35,23 @@ def _weights_and_inputs(rows: int = 24, cols: int = 64, tokens: int = 96, seed: 
 # ---------- slow references ----------
 
 
+def lowest_first(scores: list[float]) -> list[int]:
+    """Indices in pruning order: lowest score first; among equal scores the higher index goes first (lower kept)."""
+    return sorted(range(len(scores)), key=lambda j: (scores[j], -j))
+
+
 def slow_scores_mask(scores: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
-    """Keep mask by explicit loops: per row, per group of M (N:M) or per row (unstructured)."""
+    """Keep mask by explicit loops: per row, per group of M (N:M) or per row (unstructured); ties keep lower index."""
     keep = torch.ones_like(scores, dtype=torch.bool)
     rows, cols = scores.shape
     for r in range(rows):
         if pattern.is_nm:
             for start in range(0, cols, pattern.m):
                 group = scores[r, start : start + pattern.m].tolist()
-                for j in sorted(range(pattern.m), key=lambda j: group[j])[: pattern.m - pattern.n]:
+                for j in lowest_first(group)[: pattern.m - pattern.n]:
                     keep[r, start + j] = False
         else:
-            row = scores[r].tolist()
-            for j in sorted(range(cols), key=lambda j: row[j])[: int(cols * pattern.sparsity)]:
+            for j in lowest_first(scores[r].tolist())[: int(cols * pattern.sparsity)]:
                 keep[r, j] = False
     return keep
 
@@ -64,9 +68,13 @@ def slow_wanda_scaler(batches: list[torch.Tensor]) -> torch.Tensor:
 
 
 def slow_sparsegpt(w: torch.Tensor, h: torch.Tensor, pattern: SparsityPattern, blocksize=128, percdamp=0.01):
-    """SparseGPT Algorithm 1 column by column, with the reference's Cholesky chain and lazy batch updates."""
+    """SparseGPT Algorithm 1 column by column, with the reference's Cholesky chain and lazy batch updates.
+
+    Returns (weight, keep mask); the mask is returned, not read off the weight, as kept weights can be exactly 0.
+    """
     w, h = w.clone().double(), h.clone().double()
-    cols = w.shape[1]
+    rows, cols = w.shape
+    keep = torch.ones(rows, cols, dtype=torch.bool)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -77,10 +85,9 @@ def slow_sparsegpt(w: torch.Tensor, h: torch.Tensor, pattern: SparsityPattern, b
         w1, u = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
         pruned = torch.zeros_like(w1, dtype=torch.bool)
-        if not pattern.is_nm:  # exactly int(numel * sparsity) lowest w^2/d^2 of the block
-            score = (w1**2 / torch.diag(u) ** 2).flatten()
-            order = sorted(range(score.numel()), key=lambda i: score[i].item())
-            pruned.view(-1)[order[: int(score.numel() * pattern.sparsity)]] = True
+        if not pattern.is_nm:  # exactly int(numel * sparsity) lowest w^2/d^2 of the block, row-major ties
+            score = (w1**2 / torch.diag(u) ** 2).flatten().tolist()
+            pruned.view(-1)[lowest_first(score)[: int(len(score) * pattern.sparsity)]] = True
         for i in range(i2 - i1):
             if pattern.is_nm and i % pattern.m == 0:
                 score = w1[:, i : i + pattern.m] ** 2 / torch.diag(u)[i : i + pattern.m] ** 2
@@ -90,9 +97,9 @@ def slow_sparsegpt(w: torch.Tensor, h: torch.Tensor, pattern: SparsityPattern, b
             err1[:, i] = (w1[:, i] - q) / u[i, i]
             w1[:, i:] -= err1[:, i : i + 1] @ u[i : i + 1, i:]
             w1[:, i] = q
-        w[:, i1:i2] = w1
+        w[:, i1:i2], keep[:, i1:i2] = w1, ~pruned
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return w.float()
+    return w.float(), keep
 
 
 # ---------- magnitude and Wanda ----------
@@ -177,13 +184,55 @@ def test_sparsegpt_matches_column_by_column_reference(spec, cols, blocksize):
     w, x = _weights_and_inputs(rows=20, cols=cols)
     h = _hessian(x)
     pruned, keep = sparsegpt_prune(w, h, pattern, blocksize=blocksize)
-    expected = slow_sparsegpt(w, h, pattern, blocksize=blocksize)
-    assert torch.equal(keep, expected != 0)
+    expected, expected_keep = slow_sparsegpt(w, h, pattern, blocksize=blocksize)
+    assert torch.equal(keep, expected_keep)
     torch.testing.assert_close(pruned, expected, rtol=1e-4, atol=1e-5)
     if pattern.is_nm:
         assert nm_violations(pruned, pattern.n, pattern.m) == 0
         assert int(keep.sum()) == w.numel() * pattern.n // pattern.m
 
+
+
+def _quantised_weights(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """4-bit levels (-8..7) times a per-row scale, as a dequantised Q4 checkpoint: many equal magnitudes per row."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-8, 8, (rows, cols), generator=g).float() * (torch.rand(rows, 1, generator=g) + 0.5)
+
+
+def _tied_hessian(cols: int, m: int = 4) -> torch.Tensor:
+    """Diagonal Hessian, constant over each run of ``m`` columns: ``w^2 / d^2`` ties wherever ``|w|`` does."""
+    return torch.diag(2.0 ** (torch.arange(cols) // m % 3).float())
+
+
+def _boundary_ties(scores: torch.Tensor, keep: int) -> int:
+    """Rows of ``scores`` whose ``keep``-th and next highest scores are equal (the tie rule decides the mask)."""
+    ordered = scores.sort(dim=-1, descending=True).values
+    return int((ordered[:, keep - 1] == ordered[:, keep]).sum())
+
+
+@pytest.mark.parametrize("spec, blocksize", [("2:4", 16), ("1:4", 32), ("4:8", 64), ("0.5", 16), ("0.6", 32)])
+def test_sparsegpt_ties_keep_the_lower_index_like_the_reference(spec, blocksize):
+    """Quantised weights and a tied Hessian: library and column-by-column reference agree on every tie."""
+    pattern = SparsityPattern.parse(spec)
+    w, h = _quantised_weights(rows=16, cols=64), _tied_hessian(64)
+    scores = w.square() * h.diagonal()  # w^2 / d^2 up to one factor per run of 4 columns
+    if pattern.is_nm:
+        ties = _boundary_ties(scores.reshape(-1, pattern.m), pattern.n)
+    else:
+        blocks = scores.reshape(16, -1, blocksize).transpose(0, 1).reshape(-1, 16 * blocksize)
+        ties = _boundary_ties(blocks, 16 * blocksize - int(16 * blocksize * pattern.sparsity))
+    assert ties > 0  # otherwise this test would not exercise the tie rule
+    pruned, keep = sparsegpt_prune(w, h, pattern, blocksize=blocksize)
+    expected, expected_keep = slow_sparsegpt(w, h, pattern, blocksize=blocksize)
+    assert torch.equal(keep, expected_keep)
+    torch.testing.assert_close(pruned, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_slow_masks_keep_the_lower_index_on_ties():
+    """The stated rule on a hand-made tie: [1, 2, 2, 3] keeps columns 1 and 3 (2:4), and 1, 3 of 50%."""
+    scores = torch.tensor([[1.0, 2.0, 2.0, 3.0]])
+    assert slow_scores_mask(scores, SparsityPattern.parse("2:4")).tolist() == [[False, True, False, True]]
+    assert slow_scores_mask(scores, SparsityPattern.parse("0.5")).tolist() == [[False, True, False, True]]
 
 def test_sparsegpt_dead_inputs_are_zeroed():
     w, x = _weights_and_inputs()

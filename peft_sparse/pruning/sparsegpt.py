@@ -3,7 +3,8 @@
 Faithful to the reference ``SparseGPT.fasterprune``: fp32 Hessian ``H = 2/n sum X X^T`` (n counts sequences), dead
 inputs zeroed, ``percdamp * mean(diag H)`` dampening, ``Hinv`` = upper Cholesky factor of ``H^-1``, blocks of
 ``blocksize`` columns with lazy batch updates, N:M masks chosen at each group start from ``w^2 / d^2`` on the
-already-updated weights, and an adaptive unstructured mask per block.
+already-updated weights, and an adaptive unstructured mask per block (pruning exactly floor(numel * s) weights
+per block where the reference prunes one more; see ``_prune_block``).
 
 Faster than the reference, and exact: the reference walks the columns one by one, but once the mask of a run of
 columns is fixed (a group of M for N:M, the whole block for unstructured) the sequential OBS recursion over those
@@ -126,11 +127,17 @@ def _obs_chunk(
 
 
 def _prune_block(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
-    """Prune one block ``w`` (rows, B) in place given its ``Hinv`` block ``u``; fill ``keep``; return the errors."""
+    """Prune one block ``w`` (rows, B) in place given its ``Hinv`` block ``u``; fill ``keep``; return the errors.
+
+    Unstructured count: we prune exactly ``floor(rows * B * sparsity)`` weights per block (the lowest ``w^2 / d^2``,
+    ties keeping the lower row-major index). The reference IST-DASLab/sparsegpt prunes ``tmp <= sort(tmp)[k]``,
+    i.e. ``floor(rows * B * sparsity) + 1`` per block (more when scores tie at the threshold); we keep the
+    exact count so that the achieved sparsity is the one asked for.
+    """
     saliency_scale = u.diagonal().square()
     if pattern.is_nm:
         step = math.gcd(pattern.m, _CHUNK)
-    else:  # adaptive mask: one threshold over the whole block, fixed before any update
+    else:  # adaptive mask over the whole block, fixed before any update; exact count, see the docstring
         step = math.gcd(w.shape[1], _CHUNK)
         keep.copy_(unstructured_mask(w.square() / saliency_scale, pattern.sparsity, scope="layer"))
     inverses = _subset_inverses(u, step)
