@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from .pruning.registry import get_pruner
 from .sparsity import SparsityPattern
+from .sparsity.patterns import SCOPES
 
 DEFAULT_PATTERN = "2:4"
 
@@ -49,11 +49,14 @@ class SparsityConfig:
             self.pattern = DEFAULT_PATTERN
         if self.pattern is not None and not SparsityPattern.parse(self.pattern).is_nm:
             raise ValueError(f"pattern must look like 'N:M' (e.g. '2:4'); for a ratio use sparsity=, got {self.pattern!r}.")
-        self.sparsity_pattern  # validates numbers and scope
-        for name in ("nsamples", "seqlen"):
+        if self.sparsity_scope not in SCOPES:
+            raise ValueError(f"sparsity_scope must be one of {SCOPES}, got {self.sparsity_scope!r}.")
+        self.sparsity_pattern  # validates numbers
+        for name in ("nsamples", "seqlen", "seed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
+                                 f"got {value!r}.")
         if isinstance(self.targets, str) or isinstance(self.ignore, str):
             raise TypeError("targets and ignore are lists of regular expressions, not single strings.")
         self.options  # validates method name and method_options
@@ -90,6 +93,3 @@ class SparsityConfig:
         if unknown:
             raise ValueError(f"Unknown SparsityConfig key(s) {unknown}; valid keys: {sorted(known)}.")
         return cls(**data)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -238,6 +238,9 @@ def test_bad_input_fails_before_touching_the_model(tiny_model_factory, kwargs, c
         (dict(method="obs"), "Unknown pruning method 'obs'"),
         (dict(method="wanda", method_options={"variant": True}), "Unknown option"),
         (dict(method="sparsegpt", pattern="2:4", method_options={"blocksize": 6}), "not a multiple of M=4"),
+        (dict(pattern="2:4", sparsity_scope="bogus"), "sparsity_scope must be one of"),
+        (dict(nsamples=True), "nsamples must be a positive integer"),
+        (dict(seed="x"), "seed must be a non-negative integer"),
     ],
 )
 def test_bad_config_fails_at_construction(kwargs, message):

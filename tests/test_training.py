@@ -327,3 +327,18 @@ def test_ast_boosted_trains_slorb_jointly_and_exports_base_plus_adapter(tmp_path
     reloaded = PeftModel.from_pretrained(base, tmp_path / "boosted" / "slorb")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, logits)
+
+
+def test_frozen_mask_slorb_mean_init_reads_the_pruned_weights_before_they_are_zeroed(tmp_path):
+    dense = tiny_llama()
+    name = "model.layers.0.mlp.down_proj"
+    weight = dict(dense.named_modules())[name].weight.detach().clone()
+    keep = nm_mask(weight.abs(), 2, 4)
+    trainer = SparseTrainer(model=dense, args=make_args(tmp_path, frozen_mask=True, slorb_k=16),
+                            train_dataset=TokenDataset())
+    S = dict(trainer.model.named_parameters())[f"base_model.model.{name}.slorb_S.default"]
+    expected = weight.masked_fill(keep, 0).unflatten(-1, (-1, 16)).mean(-1)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(S.detach(), expected)
+    layer = trainer.sparse_layers[name]
+    assert (layer.weight[~keep] == 0).all() and torch.equal(layer.weight[keep], weight[keep])
