@@ -119,6 +119,31 @@ def test_two_adapters_merged_in_sequence_compound_and_unmerge_in_reverse():
     assert layer.merged_adapters == []
 
 
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["linear", "conv1d"])
+def test_two_active_adapters_forward_compounds_like_merge_and_unload(make_model):
+    model = get_peft_model(make_model(), SPPConfig(r=4, scaling=0.5, init_weights=False, target_modules="all-linear"),
+                           adapter_name="a")
+    torch.manual_seed(7)
+    model.add_adapter("b", SPPConfig(r=8, scaling=2.0, init_weights=False, target_modules="all-linear"))
+    with torch.no_grad():  # trained-sized multipliers, so that adding instead of compounding shows clearly
+        for name, param in model.named_parameters():
+            if ".spp_beta." in name:
+                param.mul_(5.0)
+    ids = token_batch()
+    with torch.no_grad():
+        only_a = model(ids).logits
+        model.base_model.set_adapter(["a", "b"])
+        both = model(ids).logits
+    assert not torch.allclose(both, only_a, atol=1e-3), "the second adapter has no effect: the test cannot fail"
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, both, rtol=1e-5, atol=1e-5)
+    for name, module in merged.named_modules():
+        if name.endswith(("proj", "c_attn", "c_fc")):
+            weight = module.weight.T if make_model is tiny_gpt2 else module.weight
+            assert follows_nm(weight, 2, 4), name
+
+
 def test_zero_merge_factor_is_reported_and_unmerge_stays_finite():
     layer = SPPLinear(torch.nn.Linear(8, 4, bias=False), "default", SPPConfig(r=1, init_weights=False))
     with torch.no_grad():

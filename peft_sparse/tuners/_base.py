@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -13,7 +14,8 @@ from torch import nn
 class AdapterLinearMixin:
     """peft's forward/unmerge protocol for a layer whose adapters live in ``adapter_layer_names[0]``.
 
-    Subclasses provide ``adapter_output(name, x)`` (the residual branch) and ``unmerge_one(name)``.
+    Subclasses provide ``adapter_output(name, x)`` (the residual branch) and ``unmerge_one(name)``; a tuner whose
+    adapters do not simply add (SPP multiplies W) overrides ``adapter_outputs``.
     """
 
     def adapters(self) -> nn.ParameterDict:
@@ -27,10 +29,14 @@ class AdapterLinearMixin:
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
-        for name in self.active_adapters:
-            if name in self.adapters():
-                result = result + self.adapter_output(name, x).to(result.dtype)
+        names = [name for name in self.active_adapters if name in self.adapters()]
+        for output in self.adapter_outputs(names, x):
+            result = result + output.to(result.dtype)
         return result
+
+    def adapter_outputs(self, names: list[str], x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The residual branches of the active adapters ``names``; independent adapters simply add."""
+        return (self.adapter_output(name, x) for name in names)
 
     def unmerge(self) -> None:
         """Undo merges in reverse order, one adapter at a time."""
