@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -41,16 +40,16 @@ class SLoRBConfig(PeftConfig):
 
     k: int = field(default=16, metadata={"help": "Inputs per group; adds 1/k parameters per layer."})
     init: str = field(default="mean", metadata={"help": "S initialisation: 'mean', 'zero' or 'xavier'."})
-    pattern: Optional[str] = field(default="2:4", metadata={"help": "Pattern whose magnitude mask is pruned."})
+    pattern: str | None = field(default="2:4", metadata={"help": "Pattern whose magnitude mask is pruned."})
     prune_base: bool = field(default=True, metadata={"help": "Apply the mask to the base weight."})
     trainable_base: bool = field(default=False, metadata={"help": "Also train the targeted base weights."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or regex to adapt, or 'all-linear'."}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or regex to exclude."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules to train and save in full."}
     )
 

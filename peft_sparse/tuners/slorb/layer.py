@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ def slorb_init(weight: torch.Tensor, mask: torch.Tensor, k: int, init: str) -> t
     return S
 
 
-def resolve_mask(weight: torch.Tensor, pattern: Optional[str], mask: Optional[torch.Tensor]) -> torch.Tensor:
+def resolve_mask(weight: torch.Tensor, pattern: str | None, mask: torch.Tensor | None) -> torch.Tensor:
     """Keep-mask (out, in): the explicit one, else the pattern's magnitude mask, else the non-zeros of W."""
     if mask is not None:
         if mask.shape != weight.shape:
@@ -73,7 +73,7 @@ class SLoRBLayer(BaseTunerLayer):
         self,
         adapter_name: str,
         config: SLoRBConfig,
-        mask: Optional[torch.Tensor] = None,
+        mask: torch.Tensor | None = None,
         inference_mode: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -100,7 +100,7 @@ class SLoRBLinear(AdapterLinearMixin, nn.Module, SLoRBLayer):
     """SLoRB on ``nn.Linear`` or GPT-2 ``Conv1D``. Merging densifies W, so it is refused unless asked for."""
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: SLoRBConfig, mask: Optional[torch.Tensor] = None
+        self, base_layer: nn.Module, adapter_name: str, config: SLoRBConfig, mask: torch.Tensor | None = None
     ) -> None:
         super().__init__()
         SLoRBLayer.__init__(self, base_layer)
@@ -111,7 +111,7 @@ class SLoRBLinear(AdapterLinearMixin, nn.Module, SLoRBLayer):
         """The dense ``S P`` in the base layer's storage orientation."""
         return from_out_in(self.get_base_layer(), slorb_dense_delta(self.slorb_S[adapter], self.k[adapter]))
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         if not self.allow_dense_merge:
             raise ValueError(
                 "SLoRB cannot be merged into an N:M weight: S P is dense and would destroy the sparsity pattern. "

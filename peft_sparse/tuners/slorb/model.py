@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -75,7 +76,7 @@ class SLoRBModel(ReplacingTuner):
         self,
         progressbar: bool = False,
         safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
+        adapter_names: list[str] | None = None,
         allow_dense: bool = False,
     ) -> nn.Module:
         """Merge S into W. This densifies W, so it is refused unless ``allow_dense=True``."""
@@ -102,7 +103,7 @@ class SLoRBModel(ReplacingTuner):
 def get_slorb_model(
     model: nn.Module,
     config: SLoRBConfig,
-    masks: Optional[dict[str, torch.Tensor]] = None,
+    masks: dict[str, torch.Tensor] | None = None,
     adapter_name: str = "default",
     **kwargs: Any,
 ) -> PeftModel:
