@@ -57,7 +57,7 @@ class SPPConfig(PeftConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"SPPConfig.dropout must be in [0, 1) (got {self.dropout!r}).")
         if not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool):
-            raise ValueError(f"SPPConfig.scaling must be a number (got {self.scaling!r}).")
+            raise TypeError(f"SPPConfig.scaling must be a number (got {self.scaling!r}).")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, list):

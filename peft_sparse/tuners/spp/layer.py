@@ -80,6 +80,16 @@ def spp_delta_blocked(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor
     return _BlockedSPP.apply(x, weight, alpha, beta)
 
 
+def check_spp_target(name: str, out_features: int, r: int) -> None:
+    """Raise, naming the layer and the fix, if W_alpha's r rows cannot tile the layer's m outputs."""
+    if out_features % r:
+        raise ValueError(
+            f"SPP r={r} must divide the output size m={out_features} of {name}; choose r among the divisors of "
+            f"{out_features} (e.g. {math.gcd(out_features, 16)}), or exclude the module with "
+            f"`exclude_modules=[{name!r}]`."
+        )
+
+
 class SPPLayer(BaseTunerLayer):
     """Per-adapter SPP state on top of a frozen Linear/Conv1D base layer."""
 
@@ -103,11 +113,7 @@ class SPPLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: SPPConfig, inference_mode: bool = False, **kwargs: Any) -> None:
         """Create (or re-create) the adapter's alpha (r x n) and beta (m x 1)."""
         r = config.r
-        if self.out_features % r:
-            raise ValueError(
-                f"SPP r={r} must divide the output size m={self.out_features} of {self.base_layer}; "
-                f"choose r among the divisors of {self.out_features} (e.g. {math.gcd(self.out_features, 16)})."
-            )
+        check_spp_target(type(self.get_base_layer()).__name__, self.out_features, r)
         self.r[adapter_name] = r
         self.scaling[adapter_name] = config.scaling
         self.memory_efficient[adapter_name] = config.memory_efficient
