@@ -11,7 +11,7 @@ from peft_tiny_models import VOCAB, tiny_gpt2, tiny_llama, token_batch
 
 from peft_sparse import SPPConfig
 from peft_sparse.sparsity import follows_nm
-from peft_sparse.tuners.spp import SPPLinear, spp_delta_blocked, spp_delta_naive
+from peft_sparse.tuners.spp import SPPLinear, spp_delta_blocked, spp_delta_naive, spp_multiplier
 
 
 def _slow_spp_weight(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -142,6 +142,21 @@ def test_two_active_adapters_forward_compounds_like_merge_and_unload(make_model)
         if name.endswith(("proj", "c_attn", "c_fc")):
             weight = module.weight.T if make_model is tiny_gpt2 else module.weight
             assert follows_nm(weight, 2, 4), name
+
+
+def test_compounded_forward_gradients_match_the_explicit_product():
+    torch.manual_seed(0)
+    layer = SPPLinear(torch.nn.Linear(16, 8, bias=False), "a", SPPConfig(r=2, scaling=0.5, init_weights=False))
+    layer.update_layer("b", SPPConfig(r=4, scaling=2.0, init_weights=False))
+    layer.set_adapter(["a", "b"])
+    x = torch.randn(3, 16)
+    params = [layer.spp_alpha["a"], layer.spp_beta["a"], layer.spp_alpha["b"], layer.spp_beta["b"]]
+    got = torch.autograd.grad(layer(x).square().sum(), params)
+    factor_a = 1 + 0.5 * spp_multiplier(params[0], params[1], 8)
+    product = layer.get_base_weight() * factor_a * (1 + 2.0 * spp_multiplier(params[2], params[3], 8))
+    want = torch.autograd.grad((x @ product.T).square().sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_zero_merge_factor_is_reported_and_unmerge_stays_finite():
