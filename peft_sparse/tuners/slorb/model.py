@@ -114,7 +114,7 @@ class SLoRBModel(ReplacingTuner):
         """Merge S into W. This densifies W, so it is refused unless ``allow_dense=True``."""
         if not allow_dense:
             raise ValueError(
-                "SLoRB cannot be merged into an N:M weight (S P is dense). Keep S as a separate module "
+                "SLoRB cannot be merged into an N:M weight (S X is dense). Keep S as a separate module "
                 "(save the adapter or use side_weights()), or pass allow_dense=True to get a dense model."
             )
         with self._dense_merge_allowed():
