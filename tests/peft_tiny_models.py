@@ -10,11 +10,11 @@ from peft_sparse.sparsity import apply_mask, nm_mask
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0, pruned: bool = True) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, pruned: bool = True, intermediate_size: int = 128) -> LlamaForCausalLM:
     """A 2-layer Llama whose projection weights are magnitude-pruned 2:4 (unless ``pruned=False``)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
     )
     model = LlamaForCausalLM(config).eval()

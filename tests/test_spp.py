@@ -11,7 +11,7 @@ from peft_tiny_models import VOCAB, tiny_gpt2, tiny_llama, token_batch
 
 from peft_sparse import SPPConfig
 from peft_sparse.sparsity import follows_nm
-from peft_sparse.tuners.spp import SPPLinear, spp_delta_blocked, spp_delta_naive
+from peft_sparse.tuners.spp import SPPLinear, spp_delta_blocked, spp_delta_naive, spp_multiplier
 
 
 def _slow_spp_weight(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -117,6 +117,46 @@ def test_two_adapters_merged_in_sequence_compound_and_unmerge_in_reverse():
     model.unmerge_adapter()
     torch.testing.assert_close(layer.get_base_weight(), original, rtol=1e-6, atol=1e-7)
     assert layer.merged_adapters == []
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["linear", "conv1d"])
+def test_two_active_adapters_forward_compounds_like_merge_and_unload(make_model):
+    model = get_peft_model(make_model(), SPPConfig(r=4, scaling=0.5, init_weights=False, target_modules="all-linear"),
+                           adapter_name="a")
+    torch.manual_seed(7)
+    model.add_adapter("b", SPPConfig(r=8, scaling=2.0, init_weights=False, target_modules="all-linear"))
+    with torch.no_grad():  # trained-sized multipliers, so that adding instead of compounding shows clearly
+        for name, param in model.named_parameters():
+            if ".spp_beta." in name:
+                param.mul_(5.0)
+    ids = token_batch()
+    with torch.no_grad():
+        only_a = model(ids).logits
+        model.base_model.set_adapter(["a", "b"])
+        both = model(ids).logits
+    assert not torch.allclose(both, only_a, atol=1e-3), "the second adapter has no effect: the test cannot fail"
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, both, rtol=1e-5, atol=1e-5)
+    for name, module in merged.named_modules():
+        if name.endswith(("proj", "c_attn", "c_fc")):
+            weight = module.weight.T if make_model is tiny_gpt2 else module.weight
+            assert follows_nm(weight, 2, 4), name
+
+
+def test_compounded_forward_gradients_match_the_explicit_product():
+    torch.manual_seed(0)
+    layer = SPPLinear(torch.nn.Linear(16, 8, bias=False), "a", SPPConfig(r=2, scaling=0.5, init_weights=False))
+    layer.update_layer("b", SPPConfig(r=4, scaling=2.0, init_weights=False))
+    layer.set_adapter(["a", "b"])
+    x = torch.randn(3, 16)
+    params = [layer.spp_alpha["a"], layer.spp_beta["a"], layer.spp_alpha["b"], layer.spp_beta["b"]]
+    got = torch.autograd.grad(layer(x).square().sum(), params)
+    factor_a = 1 + 0.5 * spp_multiplier(params[0], params[1], 8)
+    product = layer.get_base_weight() * factor_a * (1 + 2.0 * spp_multiplier(params[2], params[3], 8))
+    want = torch.autograd.grad((x @ product.T).square().sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_zero_merge_factor_is_reported_and_unmerge_stays_finite():

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
 from .._base import ReplacingTuner
-from ...modeling import to_storage
+from ...modeling import out_in
 from ..spp.model import TRANSFORMERS_MODELS_TO_SPP_TARGET_MODULES_MAPPING
 from .config import SLoRBConfig
-from .layer import SLoRBLayer, SLoRBLinear
+from .layer import SLoRBLayer, SLoRBLinear, check_slorb_target
 
 # Masks are tensors, so they cannot live in the JSON config; get_slorb_model hands them to _create_and_replace here.
-_PENDING_MASKS: ContextVar[dict[str, torch.Tensor]] = ContextVar("_PENDING_MASKS", default={})
+_PENDING_MASKS: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("_PENDING_MASKS", default=None)
 
 
-def _mask_grad(mask: torch.Tensor):
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad * mask.to(grad.device, grad.dtype)
-
-    return hook
+def _pending_mask(key: str) -> torch.Tensor | None:
+    return (_PENDING_MASKS.get() or {}).get(key)
 
 
 class SLoRBModel(ReplacingTuner):
@@ -36,35 +34,70 @@ class SLoRBModel(ReplacingTuner):
     """
 
     prefix: str = "slorb_"
+    method_name = "SLoRB"
     tuner_layer_cls = SLoRBLayer
     layer_cls = SLoRBLinear
     target_module_mapping = TRANSFORMERS_MODELS_TO_SPP_TARGET_MODULES_MAPPING
 
     def layer_kwargs(self, current_key: str) -> dict[str, Any]:
-        return {"mask": _PENDING_MASKS.get().get(current_key)}
+        return {"mask": _pending_mask(current_key)}
+
+    def check_target(self, config: SLoRBConfig, key: str, base_layer: nn.Module) -> None:
+        super().check_target(config, key, base_layer)
+        check_slorb_target(key, tuple(out_in(base_layer).shape), config, _pending_mask(key))
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
+        self._sync_trainable_base()
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._sync_trainable_base()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._sync_trainable_base()
+
+    def _trains_base(self, adapter_name: str) -> bool:
+        """``trainable_base`` applies while the adapter is active and was not loaded for inference."""
+        config = self.peft_config.get(adapter_name)
+        return (
+            config is not None and config.trainable_base and not config.inference_mode
+            and adapter_name in self.active_adapters
+        )
+
+    def _sync_trainable_base(self) -> None:
+        """Set every adapted base weight's requires_grad (and its single gradient-mask hook) from the adapters."""
         for layer in self._slorb_layers():
-            for name in layer.slorb_S:
-                if not self.peft_config[name].trainable_base or name not in self.active_adapters:
-                    continue
-                weight = layer.get_base_layer().weight
-                weight.requires_grad_(True)
-                if name in layer.base_masks:
-                    weight.register_hook(_mask_grad(to_storage(layer.get_base_layer(), layer.base_masks[name])))
+            layer.set_base_trainable(any(self._trains_base(name) for name in layer.slorb_S))
 
     def _slorb_layers(self) -> Iterator[SLoRBLayer]:
         return (module for module in self.model.modules() if isinstance(module, SLoRBLayer))
 
     def extra_parameter_fraction(self, adapter_name: str = "default") -> float:
-        """Parameters of S over parameters of the adapted weights (1/k for every layer)."""
-        extra = sum(layer.slorb_S[adapter_name].numel() for layer in self._slorb_layers())
-        base = sum(layer.get_base_layer().weight.numel() for layer in self._slorb_layers())
-        return extra / base
+        """Parameters of S (and of X where it is stored) over parameters of the adapted weights.
+
+        1/k with the fixed block-ones projection; a stored X adds n/k per input row, i.e. another 1/k on a square
+        layer.
+        """
+        layers = [layer for layer in self._slorb_layers() if adapter_name in layer.slorb_S]
+        extra = sum(
+            layer.slorb_S[adapter_name].numel()
+            + (layer.slorb_X[adapter_name].numel() if adapter_name in layer.slorb_X else 0)
+            for layer in layers
+        )
+        return extra / sum(layer.get_base_layer().weight.numel() for layer in layers)
 
     def side_weights(self, adapter_name: str = "default") -> dict[str, tuple[torch.Tensor, int]]:
-        """``{base module name: (S, k)}``: the un-mergeable side-car an exporter stores next to the N:M weights."""
+        """``{base module name: (S, k)}``: the un-mergeable side-car an exporter stores next to the N:M weights.
+
+        Only for the fixed block-ones projection (implied by k); a stored X is part of the side-car itself.
+        """
+        if any(adapter_name in layer.slorb_X for layer in self._slorb_layers()):
+            raise ValueError(
+                f"SLoRB adapter {adapter_name!r} stores its projection X (trainable_projection or init='xavier'), so "
+                "(S, k) does not describe it; export S and X from the adapter's state dict (save_pretrained)."
+            )
         return {
             name: (module.slorb_S[adapter_name].detach(), module.k[adapter_name])
             for name, module in self.model.named_modules()
@@ -75,17 +108,25 @@ class SLoRBModel(ReplacingTuner):
         self,
         progressbar: bool = False,
         safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
+        adapter_names: list[str] | None = None,
         allow_dense: bool = False,
     ) -> nn.Module:
         """Merge S into W. This densifies W, so it is refused unless ``allow_dense=True``."""
         if not allow_dense:
             raise ValueError(
-                "SLoRB cannot be merged into an N:M weight (S P is dense). Keep S as a separate module "
+                "SLoRB cannot be merged into an N:M weight (S X is dense). Keep S as a separate module "
                 "(save the adapter or use side_weights()), or pass allow_dense=True to get a dense model."
             )
         with self._dense_merge_allowed():
             return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """Unloading leaves plain base layers, so their gradient-mask hooks go with the SLoRB layers."""
+        layers = list(self._slorb_layers())
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        for layer in layers:
+            layer.remove_base_grad_hook()
+        return model
 
     @contextmanager
     def _dense_merge_allowed(self) -> Iterator[None]:
@@ -102,7 +143,7 @@ class SLoRBModel(ReplacingTuner):
 def get_slorb_model(
     model: nn.Module,
     config: SLoRBConfig,
-    masks: Optional[dict[str, torch.Tensor]] = None,
+    masks: dict[str, torch.Tensor] | None = None,
     adapter_name: str = "default",
     **kwargs: Any,
 ) -> PeftModel:

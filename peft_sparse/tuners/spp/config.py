@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -38,15 +37,15 @@ class SPPConfig(PeftConfig):
     r: int = field(default=16, metadata={"help": "Rows of W_alpha; must divide each target's output size."})
     scaling: float = field(default=1.0, metadata={"help": "Scale s of the residual SPP branch."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the SPP branch input."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or regex to adapt, or 'all-linear'."}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or regex to exclude."}
     )
     init_weights: bool = field(default=True, metadata={"help": "Zero-initialise W_beta (identity at start)."})
     memory_efficient: bool = field(default=True, metadata={"help": "Block-form forward (paper Eq. 7)."})
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules to train and save in full."}
     )
 
@@ -58,7 +57,7 @@ class SPPConfig(PeftConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"SPPConfig.dropout must be in [0, 1) (got {self.dropout!r}).")
         if not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool):
-            raise ValueError(f"SPPConfig.scaling must be a number (got {self.scaling!r}).")
+            raise TypeError(f"SPPConfig.scaling must be a number (got {self.scaling!r}).")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, list):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,16 @@ def spp_delta_blocked(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor
     return _BlockedSPP.apply(x, weight, alpha, beta)
 
 
+def check_spp_target(name: str, out_features: int, r: int) -> None:
+    """Raise, naming the layer and the fix, if W_alpha's r rows cannot tile the layer's m outputs."""
+    if out_features % r:
+        raise ValueError(
+            f"SPP r={r} must divide the output size m={out_features} of {name}; choose r among the divisors of "
+            f"{out_features} (e.g. {math.gcd(out_features, 16)}), or exclude the module with "
+            f"`exclude_modules=[{name!r}]`."
+        )
+
+
 class SPPLayer(BaseTunerLayer):
     """Per-adapter SPP state on top of a frozen Linear/Conv1D base layer."""
 
@@ -102,11 +113,7 @@ class SPPLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: SPPConfig, inference_mode: bool = False, **kwargs: Any) -> None:
         """Create (or re-create) the adapter's alpha (r x n) and beta (m x 1)."""
         r = config.r
-        if self.out_features % r:
-            raise ValueError(
-                f"SPP r={r} must divide the output size m={self.out_features} of {self.base_layer}; "
-                f"choose r among the divisors of {self.out_features} (e.g. {math.gcd(self.out_features, 16)})."
-            )
+        check_spp_target(type(self.get_base_layer()).__name__, self.out_features, r)
         self.r[adapter_name] = r
         self.scaling[adapter_name] = config.scaling
         self.memory_efficient[adapter_name] = config.memory_efficient
@@ -119,11 +126,14 @@ class SPPLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def out_in_factor(self, adapter: str) -> torch.Tensor:
+        """``1 + s * M`` in float32 on the (out, in) view; differentiable, so the forward can compound with it."""
+        alpha, beta = self.spp_alpha[adapter].float(), self.spp_beta[adapter].float()
+        return 1.0 + self.scaling[adapter] * spp_multiplier(alpha, beta, self.out_features)
+
     def merge_factor(self, adapter: str) -> torch.Tensor:
         """``1 + s * M`` in float32, in the base layer's storage orientation."""
-        alpha, beta = self.spp_alpha[adapter].float(), self.spp_beta[adapter].float()
-        factor = 1.0 + self.scaling[adapter] * spp_multiplier(alpha, beta, self.out_features)
-        return to_storage(self.get_base_layer(), factor)
+        return to_storage(self.get_base_layer(), self.out_in_factor(adapter))
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``s * W'`` for the current base weight, so that merging gives ``W + s * W'`` (Eq. 5)."""
@@ -140,7 +150,7 @@ class SPPLinear(AdapterLinearMixin, nn.Module, SPPLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """``W <- W * (1 + s * M)``: zeros of W stay exactly zero, so any N:M pattern survives."""
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.spp_alpha:
@@ -169,9 +179,25 @@ class SPPLinear(AdapterLinearMixin, nn.Module, SPPLayer):
         safe_factor = torch.where(factor == 0, torch.ones_like(factor), factor)
         self.set_base_weight((weight.float() / safe_factor).to(weight.dtype))
 
-    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``s * Dropout(x) W'^T`` in the base weight's dtype, block form unless ``memory_efficient=False``."""
+    def adapter_outputs(self, names: list[str], x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Several active adapters compound exactly as merging them does: each acts on W already multiplied by the
+        ones before it, so the branches sum to ``x (W * prod_i (1 + s_i M_i))^T``, rounded like the merged weight.
+
+        A single adapter (the training hot path) goes straight to the block form; every further one builds one
+        weight-sized product ``W * (1 + s M)``.
+        """
         weight = out_in(self.get_base_layer())
+        for position, name in enumerate(names):
+            if position:
+                weight = (weight.float() * self.out_in_factor(names[position - 1])).to(weight.dtype)
+            yield self.adapter_output(name, x, weight)
+
+    def adapter_output(self, name: str, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``s * Dropout(x) (weight * M)^T`` in the weight's dtype, block form unless ``memory_efficient=False``.
+
+        ``weight`` is the (out, in) weight the adapter multiplies: the base weight unless given.
+        """
+        weight = out_in(self.get_base_layer()) if weight is None else weight
         delta = spp_delta_blocked if self.memory_efficient[name] else spp_delta_naive
         x_drop = self.spp_dropout[name](x).to(weight.dtype)
         alpha, beta = self.spp_alpha[name].to(weight.dtype), self.spp_beta[name].to(weight.dtype)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from .._base import ReplacingTuner
-from .layer import SPPLayer, SPPLinear
+from ...modeling import out_in
+from .config import SPPConfig
+from .layer import SPPLayer, SPPLinear, check_spp_target
 
 _DECODER_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -34,6 +38,11 @@ class SPPModel(ReplacingTuner):
     """
 
     prefix: str = "spp_"
+    method_name = "SPP"
     tuner_layer_cls = SPPLayer
     layer_cls = SPPLinear
     target_module_mapping = TRANSFORMERS_MODELS_TO_SPP_TARGET_MODULES_MAPPING
+
+    def check_target(self, config: SPPConfig, key: str, base_layer: nn.Module) -> None:
+        super().check_target(config, key, base_layer)
+        check_spp_target(key, out_in(base_layer).shape[0], config.r)
