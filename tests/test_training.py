@@ -342,3 +342,13 @@ def test_frozen_mask_slorb_mean_init_reads_the_pruned_weights_before_they_are_ze
     torch.testing.assert_close(S.detach(), expected)
     layer = trainer.sparse_layers[name]
     assert (layer.weight[~keep] == 0).all() and torch.equal(layer.weight[keep], weight[keep])
+
+
+def test_ast_boosted_can_train_the_slorb_projection(tmp_path):
+    trainer, _ = train_tiny(tmp_path, slorb_k=16, slorb_trainable_projection=True, finalize_at_end=False, max_steps=2)
+    projections = {n: p for n, p in trainer.model.named_parameters() if "slorb_X" in n}
+    assert projections and all(p.requires_grad for p in projections.values())
+    before = {n: p.detach().clone() for n, p in projections.items()}
+    assert all(torch.equal(p, torch.eye(p.shape[0]).repeat_interleave(16, dim=1)) for p in before.values())  # ones
+    trainer.train()
+    assert any(not torch.equal(p, before[n]) for n, p in projections.items())

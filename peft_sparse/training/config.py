@@ -51,7 +51,11 @@ class SparseTrainingArguments(TrainingArguments):
             ``"teacher"`` (copied from the dense teacher so pruned knowledge can come back when masks flip).
         slorb_k: AST-Boosted: add SLoRB (section 4.4) with ``k`` inputs per group (rank n/k) to every sparse layer,
             trained jointly with the dense weights; ``None`` (default) is AST-Naive.
-        slorb_init: SLoRB initialisation: ``"mean"`` of the pruned weights per group (paper), ``"zero"``, ``"xavier"``.
+        slorb_init: SLoRB initialisation: ``"mean"`` of the pruned weights per group (paper), ``"zero"``, or
+            ``"xavier"`` (paper Table 7: Xavier on the projection X, S = 0, output unchanged at step 0).
+        slorb_trainable_projection: also train SLoRB's projection X (n/k x n, block ones at init), as the authors'
+            AST-Boosted recipe does; costs n²/k parameters per layer on top of S's m·n/k (doubles SLoRB's share
+            for square layers: 12.5% instead of 6.25% of the dense weights at k=16).
         finalize_at_end: hard-prune the weights to the final mask at the end of :meth:`SparseTrainer.train`, so
             ``save_model`` writes an exactly N:M model that loads in plain transformers.
     """
@@ -74,6 +78,9 @@ class SparseTrainingArguments(TrainingArguments):
     pruned_values: str = field(default="zero", metadata={"help": f"Restart values of pruned weights {PRUNED_VALUES}."})
     slorb_k: int | None = field(default=None, metadata={"help": "AST-Boosted: SLoRB group size k (e.g. 16)."})
     slorb_init: str = field(default="mean", metadata={"help": f"SLoRB init, one of {SLORB_INITS}."})
+    slorb_trainable_projection: bool = field(
+        default=False, metadata={"help": "AST-Boosted: also train the SLoRB projection X (n^2/k params per layer)."}
+    )
     finalize_at_end: bool = field(default=True, metadata={"help": "Hard-prune to the final mask after train()."})
 
     def __post_init__(self) -> None:

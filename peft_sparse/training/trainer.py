@@ -255,7 +255,7 @@ def _add_slorb(model: nn.Module, layers: dict[str, nn.Module], args: SparseTrain
     from ..tuners import SLoRBConfig, get_slorb_model  # lazy: the tuners register themselves with peft
 
     config = SLoRBConfig(k=args.slorb_k, init=args.slorb_init, pattern=None, prune_base=False, trainable_base=True,
-                         target_modules=list(layers))
+                         trainable_projection=args.slorb_trainable_projection, target_modules=list(layers))
     trainable = [p for p in model.parameters() if p.requires_grad]
     boosted = get_slorb_model(model, config, masks={name: layer.sparse_mask for name, layer in layers.items()})
     for param in trainable:  # peft froze everything but the adapters and the base linears; AST trains norms too
