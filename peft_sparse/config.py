@@ -109,7 +109,7 @@ class SparsityConfig(QuantizationConfigMixin):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
                 raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
                                  f"got {value!r}.")
-        self.options  # validates method name and method_options
+        self.options  # noqa: B018  (validates method name and method_options)
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:

@@ -29,7 +29,7 @@ def side_tensor_specs(files: Iterable[str]) -> dict[str, tuple[list[int], torch.
         if not str(path).endswith(".safetensors"):
             continue
         with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118  (safe_open is not a dict)
                 if key.rpartition(".")[2] in SIDE_TENSORS:
                     view = handle.get_slice(key)
                     specs[key] = (list(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()])

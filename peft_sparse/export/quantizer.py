@@ -17,7 +17,7 @@ Registered with ``SparsityConfig`` under ``quant_method="peft_sparse"`` on ``imp
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ def _single(value: Any) -> torch.Tensor:
 
 class SparsityHfQuantizer(HfQuantizer):
     requires_calibration = False
-    serialized_names = {"weight": ["weight", "weight" + META_SUFFIX]}
+    serialized_names: ClassVar[dict[str, list[str]]] = {"weight": ["weight", "weight" + META_SUFFIX]}
 
     def __init__(self, quantization_config: SparsityConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)

@@ -17,7 +17,7 @@ zeros, so packing is deterministic. Everything is vectorised over the whole tens
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -60,7 +60,7 @@ def information_limit_nbytes(out_features: int, in_features: int, n: int, m: int
     return groups * n * element_size + groups * math.log2(math.comb(m, n)) / 8
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pair_tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(4-bit group pattern -> code or -1, code -> the two kept columns) for 2:4."""
     code_of = torch.full((16,), -1, dtype=torch.int64)
