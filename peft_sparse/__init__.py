@@ -1,12 +1,19 @@
 """peft_sparse: HuggingFace-native N:M sparsity."""
 
 from .config import SparsityConfig
-from .export import SparsityHfQuantizer, save_pretrained  # registers quant_method "peft_sparse" with transformers
+from .export import (  # registers quant_method "peft_sparse" with transformers
+           Perplexity,
+           SparsityHfQuantizer,
+           model_card,
+           push_to_hub,
+           save_pretrained,
+)
 from .sparsity import SparsityPattern
 
 __version__ = "0.1.0"
 
-__all__ = ["SparsityConfig", "SparsityHfQuantizer", "SparsityPattern", "__version__", "save_pretrained"]
+__all__ = ["Perplexity", "SparsityConfig", "SparsityHfQuantizer", "SparsityPattern", "__version__", "model_card",
+           "push_to_hub", "save_pretrained"]
 
 # Importing the tuners registers the "SPP" and "SLORB" PEFT types with peft (the only import-time side effect).
 from .tuners import SLoRBConfig, SLoRBModel, SPPConfig, SPPModel, get_slorb_model

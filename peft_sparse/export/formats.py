@@ -69,6 +69,14 @@ def _quantizer_state(model: nn.Module, quantizer: SparsityHfQuantizer | None) ->
             model.config.quantization_config = saved_config
 
 
+def detach_quantizer(model: nn.Module) -> None:
+    """Turn a packed-loaded model into a plain one in memory (what ``dequantize()`` does, for any wrapper)."""
+    for attr in _QUANT_ATTRS:
+        model.__dict__.pop(attr, None)
+    if isinstance(getattr(model.config, "quantization_config", None), SparsityConfig):
+        del model.config.quantization_config
+
+
 def resolve_for_save(model: nn.Module, config: SparsityConfig, format: str) -> SparsityConfig:
     """A copy of ``config`` naming the format, codec and the model's sparse modules (checked before writing)."""
     resolved = copy.copy(config)
