@@ -218,11 +218,11 @@ class SparseTrainer(Trainer):
         if output_dir is None:
             return
         model = self.accelerator.unwrap_model(self.model)
+        base = copy.deepcopy(model).unload() if isinstance(model, PeftModel) else model
+        save_pretrained(base, output_dir, save_format, config=self.sparsity_config)  # atomic: replaces output_dir
+        self.model_card(save_format).save(os.path.join(output_dir, "README.md"))
         if isinstance(model, PeftModel):
             model.save_pretrained(os.path.join(output_dir, "slorb"))
-            model = copy.deepcopy(model).unload()
-        save_pretrained(model, output_dir, save_format, config=self.sparsity_config)
-        self.model_card(save_format).save(os.path.join(output_dir, "README.md"))
 
     @property
     def sparsity_config(self) -> SparsityConfig:
