@@ -251,3 +251,28 @@ def test_slorb_side_weights_travel_in_the_packed_files(tmp_path):
     assert _same_state(loaded, base) and torch.equal(loaded(IDS).logits, base(IDS).logits)
     with pytest.raises(ValueError, match="SLoRB side weight"):
         save_pretrained(base, tmp_path / "d", "dense", config=SparsityConfig(method="magnitude"))
+
+
+def test_cli_prune_packed_and_export_both_ways(tmp_path, tiny_model_dir):
+    from peft_sparse.cli import main
+
+    assert main(["prune", str(tiny_model_dir), "--method", "magnitude", "--save-format", "packed",
+                 "--output", str(tmp_path / "packed")]) == 0
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    assert packed.config.quantization_config.provenance["calibration"] == "embedded"
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prune(reference, SparsityConfig(method="magnitude"))
+    assert _same_state(packed, reference)
+    report = json.loads((tmp_path / "packed" / "prune_report.json").read_text())
+    assert report["save_format"] == "packed" and (tmp_path / "packed" / "tokenizer.json").exists()
+    assert main(["export", str(tmp_path / "packed"), "--format", "dense", "--output", str(tmp_path / "dense")]) == 0
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert main(["export", str(tmp_path / "dense"), "--format", "packed", "--dtype", "bfloat16",
+                 "--output", str(tmp_path / "bf16")]) == 0
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert bf16.dtype == torch.bfloat16
+    assert all(torch.equal(v, reference.state_dict()[k].bfloat16()) for k, v in bf16.state_dict().items())
+    assert main(["export", str(tiny_model_dir), "--format", "packed", "--output", str(tmp_path / "x")]) == 2
+    assert main(["prune", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5", "--save-format",
+                 "packed", "--output", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
