@@ -7,13 +7,14 @@ from .export import (  # registers quant_method "peft_sparse" with transformers
            model_card,
            push_to_hub,
            save_pretrained,
+           to_semi_structured,
 )
 from .sparsity import SparsityPattern
 
 __version__ = "0.1.0"
 
 __all__ = ["Perplexity", "SparsityConfig", "SparsityHfQuantizer", "SparsityPattern", "__version__", "model_card",
-           "push_to_hub", "save_pretrained"]
+           "push_to_hub", "save_pretrained", "to_semi_structured"]
 
 # Importing the tuners registers the "SPP" and "SLORB" PEFT types with peft (the only import-time side effect).
 from .tuners import SLoRBConfig, SLoRBModel, SPPConfig, SPPModel, get_slorb_model

@@ -3,6 +3,7 @@
 from .card import Perplexity, model_card
 from .formats import FORMATS, SaveFormat, get_format, save_pretrained, sparsity_config_of
 from .quantizer import SparsityHfQuantizer, register
+from .semi_structured import to_semi_structured
 
 register()  # on import: from_pretrained of a packed checkpoint needs quant_method "peft_sparse" known
 
@@ -19,4 +20,5 @@ __all__ = [
            "register",
            "save_pretrained",
            "sparsity_config_of",
+           "to_semi_structured",
 ]
