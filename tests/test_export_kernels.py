@@ -20,7 +20,7 @@ from peft_sparse.sparsity import nm_mask, packing
 def test_packed_values_are_the_cutlass_values(dtype):
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)).to(dtype)
     w = w * nm_mask(w.abs().float(), 2, 4)
-    values, meta = packing.pack(w, 2, 4, "b6x3")
+    values, _ = packing.pack(w, 2, 4, "b6x3")
     cutlass_values, cutlass_meta = sparse_semi_structured_from_dense_cutlass(w)
     assert torch.equal(cutlass_values, values)
     assert torch.equal(sparse_semi_structured_to_dense_cutlass(values, cutlass_meta), w)
