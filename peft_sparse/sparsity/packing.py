@@ -69,6 +69,15 @@ def _pair_tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return code_of.to(device), torch.tensor(PAIRS_2_4, dtype=torch.int64, device=device)
 
 
+@cache
+def _b6x3_byte_masks(device: str) -> torch.Tensor:
+    """Every valid b6x3 byte -> its 12 keep bits (3 groups of 4): decoding is one table lookup per byte."""
+    digits = torch.arange(_B6_MAX_BYTE + 1).unsqueeze(-1) // torch.tensor([1, 6, 36]) % 6
+    columns = torch.tensor(PAIRS_2_4)[digits]  # (216, 3, 2)
+    masks = torch.zeros(_B6_MAX_BYTE + 1, _B6_DIGITS, 4, dtype=torch.bool).scatter_(-1, columns, True)
+    return masks.reshape(_B6_MAX_BYTE + 1, -1).to(device)
+
+
 def kept_positions(weight: torch.Tensor, n: int, m: int, name: str = "weight") -> torch.Tensor:
     """The bool keep set of an N:M ``(out, in)`` weight; raises if any group has more than N nonzeros."""
     if weight.dim() != 2 or weight.shape[1] % m:
@@ -110,11 +119,8 @@ def unpack_mask(meta: torch.Tensor, in_features: int, n: int, m: int, codec: str
     if codec == "b6x3":
         if meta.numel() and int(meta.max()) > _B6_MAX_BYTE:
             raise ValueError(f"corrupt b6x3 metadata: a byte above {_B6_MAX_BYTE}.")
-        radix = torch.tensor([1, 6, 36], dtype=torch.int64, device=meta.device)
-        codes = (meta.unsqueeze(-1) // radix % 6).reshape(meta.shape[0], -1)[:, : in_features // m]
-        columns = _pair_tables(str(meta.device))[1][codes]  # (out, groups, 2)
-        keep = torch.zeros(meta.shape[0], in_features // m, m, dtype=torch.bool, device=meta.device)
-        return keep.scatter_(-1, columns, True).reshape(meta.shape[0], in_features)
+        keep = _b6x3_byte_masks(str(meta.device))[meta]  # (out, bytes, 12)
+        return keep.reshape(meta.shape[0], -1)[:, :in_features]
     bits = (meta.unsqueeze(-1) >> torch.arange(8, device=meta.device)) & 1
     return bits.reshape(meta.shape[0], -1)[:, :in_features].bool()
 
