@@ -1,4 +1,5 @@
-"""Model cards for sparse checkpoints, built with ``huggingface_hub.ModelCard`` from ``peft_sparse/model_cards/``.
+"""Model cards for sparse checkpoints, built with ``huggingface_hub.ModelCard`` from the templates in ``model_cards/``
+(``peft_sparse/model_cards`` is a link to it, so wheels ship the templates as package data).
 
 The card's YAML carries ``base_model``, ``library_name``, ``pipeline_tag``, tags (``peft_sparse``, the pattern, the
 method), ``datasets``, a ``model-index`` entry with the measured perplexity when given, and a ``sparsity`` block; the
