@@ -276,3 +276,91 @@ def test_cli_prune_packed_and_export_both_ways(tmp_path, tiny_model_dir):
     assert main(["prune", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5", "--save-format",
                  "packed", "--output", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# ---- codec against a slow, loop-by-loop reference of FORMAT.md ----
+
+def _ref_kept(group: list[float], n: int) -> list[int]:
+    """The kept columns of one group: its nonzeros padded with the lowest-index zeros (FORMAT.md)."""
+    nonzero = [j for j, x in enumerate(group) if x != 0]
+    assert len(nonzero) <= n
+    zeros = [j for j, x in enumerate(group) if x == 0]
+    return sorted(nonzero + zeros[: n - len(nonzero)])
+
+
+def _ref_pack(w: torch.Tensor, n: int, m: int, codec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = w.shape
+    values, meta = [], []
+    for r in range(rows):
+        kept = [[g * m + j for j in _ref_kept(w[r, g * m:(g + 1) * m].tolist(), n)] for g in range(cols // m)]
+        values.append(w[r, [c for group in kept for c in group]])
+        if codec == "b6x3":
+            codes = [packing.PAIRS_2_4.index((a - 4 * g, b - 4 * g)) for g, (a, b) in enumerate(kept)]
+            codes += [0] * (-len(codes) % 3)
+            meta.append([codes[i] + 6 * codes[i + 1] + 36 * codes[i + 2] for i in range(0, len(codes), 3)])
+        else:
+            bits = [0] * (cols + (-cols) % 8)
+            for c in (c for group in kept for c in group):
+                bits[c] = 1
+            meta.append([sum(bits[b + j] << j for j in range(8)) for b in range(0, len(bits), 8)])
+    return torch.stack(values), torch.tensor(meta, dtype=torch.uint8)
+
+
+def _ref_unpack(values: torch.Tensor, meta: torch.Tensor, cols: int, n: int, m: int, codec: str) -> torch.Tensor:
+    dense = torch.zeros(meta.shape[0], cols, dtype=values.dtype)
+    for r, row in enumerate(meta.tolist()):
+        if codec == "b6x3":
+            codes = [byte // 6**d % 6 for byte in row for d in range(3)][: cols // 4]
+            kept = [4 * g + c for g, code in enumerate(codes) for c in packing.PAIRS_2_4[code]]
+        else:
+            kept = [8 * b + j for b, byte in enumerate(row) for j in range(8) if byte >> j & 1]
+        dense[r, kept] = values[r]
+    return dense
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor (so NaN, inf and -0.0 compare exactly)."""
+    return t.contiguous().view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
+
+
+def _nasty_nm(rows: int, cols: int, n: int, m: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random exactly-N:M data with ties, short groups, an all-zero row, -0.0, inf and NaN among the kept values."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-2, 3, (rows, cols), generator=g).to(dtype)  # many ties and zeros
+    w = w * nm_mask(w.abs().float() + torch.rand(rows, cols, generator=g), n, m)
+    w[0] = 0
+    w[1, :m] = 0
+    w[1, 0], w[1, m - 1] = float("nan"), float("-inf") if n == 1 else float("inf")
+    w[1, m - 1] = 0 if n == 1 else w[1, m - 1]
+    w[2] = torch.where(w[2] == 0, torch.tensor(-0.0, dtype=dtype), w[2])  # -0.0 never counts as a nonzero
+    return w
+
+
+CODEC_CASES = [(2, 4, "b6x3"), (2, 4, "bitmask"), (1, 4, "bitmask"), (4, 8, "bitmask"), (1, 2, "bitmask"),
+               (1, 3, "bitmask"), (2, 16, "bitmask")]
+
+
+@pytest.mark.parametrize("n,m,codec", CODEC_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pack_and_unpack_match_the_reference(n, m, codec, dtype):
+    for seed, groups in enumerate((1, 2, 3, 5, 6, 7, 12)):  # full and partial metadata bytes
+        cols = groups * m
+        w = _nasty_nm(5, cols, n, m, dtype, seed)
+        ref_values, ref_meta = _ref_pack(w, n, m, codec)
+        values, meta = packing.pack(w, n, m, codec)
+        assert torch.equal(meta, ref_meta) and torch.equal(_bits(values), _bits(ref_values))
+        dense = packing.unpack(values, meta, cols, n, m, codec)
+        assert dense.dtype == dtype and dense.shape == w.shape and dense.is_contiguous()
+        assert torch.equal(_bits(dense), _bits(_ref_unpack(values, meta, cols, n, m, codec)))
+        assert torch.equal(dense.isnan(), w.isnan()) and torch.equal(dense.nan_to_num(), w.nan_to_num())
+        assert torch.equal(packing.unpack_mask(meta, cols, n, m, codec), _ref_unpack(
+            torch.ones_like(values), meta, cols, n, m, codec).bool())
+
+
+def test_pack_reads_transposed_views():
+    w = _nasty_nm(24, 40, 2, 4, torch.float32, 3)
+    stored = w.t().contiguous()  # Conv1D storage: the (out, in) view is a transpose
+    for codec in ("b6x3", "bitmask"):
+        (values, meta), (expected_values, expected_meta) = packing.pack(stored.t(), 2, 4, codec), packing.pack(w, 2, 4,
+                                                                                                             codec)
+        assert torch.equal(meta, expected_meta) and torch.equal(_bits(values), _bits(expected_values))
