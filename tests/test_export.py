@@ -364,3 +364,26 @@ def test_pack_reads_transposed_views():
         (values, meta), (expected_values, expected_meta) = packing.pack(stored.t(), 2, 4, codec), packing.pack(w, 2, 4,
                                                                                                              codec)
         assert torch.equal(meta, expected_meta) and torch.equal(_bits(values), _bits(expected_values))
+
+
+@pytest.mark.parametrize("n,m,codec", CODEC_CASES)
+def test_unpack_refuses_metadata_no_packer_writes(n, m, codec):
+    cols = 5 * m  # a partial last byte for every codec but 1:2 / 4:8 bitmask
+    values, meta = packing.pack(_nasty_nm(4, cols, n, m, torch.float32, 0), n, m, codec)
+    corruptions = [(1, 0, 216), (1, 0, 250), (3, 0, 255)] if codec == "b6x3" else [(1, 0, int(meta[1, 0]) ^ 1)]
+    last = int(meta[2, -1])
+    if codec == "b6x3":  # padding groups of the last byte must be code 0
+        corruptions.append((2, -1, last + 36 if cols // 4 % 3 == 2 else last + 6))
+    elif cols % 8:  # bits past the last column must be clear
+        corruptions.append((2, -1, last | 0x80))
+    for row, column, byte in corruptions:
+        corrupt = meta.clone()
+        corrupt[row, column] = byte
+        with pytest.raises(ValueError, match="corrupt"):
+            packing.unpack(values, corrupt, cols, n, m, codec)
+    with pytest.raises(ValueError, match="do not match"):
+        packing.unpack(values[:, 1:], meta, cols, n, m, codec)
+    with pytest.raises(ValueError, match="do not match"):
+        packing.unpack(values, meta[:, :-1], cols, n, m, codec)
+    with pytest.raises(ValueError, match="uint8"):
+        packing.unpack(values, meta.to(torch.int32), cols, n, m, codec)

@@ -17,6 +17,7 @@ zeros, so packing is deterministic. Everything is vectorised over the whole tens
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from functools import cache
 
 import torch
@@ -60,77 +61,213 @@ def information_limit_nbytes(out_features: int, in_features: int, n: int, m: int
     return groups * n * element_size + groups * math.log2(math.comb(m, n)) / 8
 
 
+# Both codecs are byte-aligned: a metadata byte covers a fixed run of columns (``_BYTE_COLUMNS``; the last byte of a row
+# may cover fewer) and a valid byte keeps a fixed number of them. So decoding is one lookup per byte (byte -> its kept
+# columns) plus one ``scatter_`` of the values into a zeroed dense tensor, and encoding is one lookup per group (nonzero
+# pattern -> kept pattern) plus one ``gather``. Corrupt bytes are caught by a lookup over the metadata alone. Bitmask
+# groups must not straddle bytes for this (``8 % m == 0``); any other M takes the general boolean-mask path.
+_BYTE_COLUMNS = {"b6x3": 4 * _B6_DIGITS, "bitmask": 8}
+
+
+def _byte_aligned(codec: str, m: int) -> bool:
+    return codec == "b6x3" or 8 % m == 0
+
+
 @cache
-def _pair_tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(4-bit group pattern -> code or -1, code -> the two kept columns) for 2:4."""
-    code_of = torch.full((16,), -1, dtype=torch.int64)
+def _kept_bits(n: int, m: int, device: str) -> torch.Tensor:
+    """Nonzero pattern of a group (bit j: column j is nonzero) -> the pattern it keeps (the nonzeros plus the
+    lowest-index zeros, as ``nm_mask`` picks them), uint8; 0, which no kept pattern is, above ``n`` nonzeros."""
+    bits = (torch.arange(1 << m).unsqueeze(-1) >> torch.arange(m)) & 1
+    kept = (nm_mask(bits.to(torch.int8), n, m).to(torch.int64) << torch.arange(m)).sum(-1)
+    return torch.where(bits.sum(-1) > n, 0, kept).to(torch.uint8).to(device)
+
+
+@cache
+def _b6x3_codes(device: str) -> torch.Tensor:
+    """Nonzero pattern of a 2:4 group -> the code of the pair it keeps, uint8; 6 (no code) above 2 nonzeros."""
+    code_of = torch.full((16,), len(PAIRS_2_4), dtype=torch.uint8)
     for code, (a, b) in enumerate(PAIRS_2_4):
         code_of[(1 << a) | (1 << b)] = code
-    return code_of.to(device), torch.tensor(PAIRS_2_4, dtype=torch.int64, device=device)
+    return code_of[_kept_bits(2, 4, "cpu").long()].to(device)
 
 
 @cache
-def _b6x3_byte_masks(device: str) -> torch.Tensor:
-    """Every valid b6x3 byte -> its 12 keep bits (3 groups of 4): decoding is one table lookup per byte."""
-    digits = torch.arange(_B6_MAX_BYTE + 1).unsqueeze(-1) // torch.tensor([1, 6, 36]) % 6
-    columns = torch.tensor(PAIRS_2_4)[digits]  # (216, 3, 2)
-    masks = torch.zeros(_B6_MAX_BYTE + 1, _B6_DIGITS, 4, dtype=torch.bool).scatter_(-1, columns, True)
-    return masks.reshape(_B6_MAX_BYTE + 1, -1).to(device)
+def _byte_tables(codec: str, n: int, m: int, columns: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a byte covering ``columns`` weight columns: (byte -> its kept columns in increasing order, int64
+    ``(256, columns/m*n)``; byte -> whether a packer writes it, bool ``(256,)``). Invalid bytes point at column 0."""
+    groups = columns // m
+    byte = torch.arange(256)
+    if codec == "b6x3":
+        digits = byte.unsqueeze(-1) // 6 ** torch.arange(groups) % 6
+        kept = (torch.tensor(PAIRS_2_4)[digits] + 4 * torch.arange(groups).unsqueeze(-1)).reshape(256, -1)
+        valid = byte < 6**groups  # above: a digit past 5, or a padding group with a code other than 0
+    else:
+        bits = (byte.unsqueeze(-1) >> torch.arange(8)) & 1
+        valid = (bits[:, :columns].reshape(256, groups, m).sum(-1) == n).all(-1) & (bits[:, columns:] == 0).all(-1)
+        kept = torch.sort(bits, dim=-1, descending=True, stable=True).indices[:, : groups * n]  # set bits, in order
+    return torch.where(valid.unsqueeze(-1), kept, 0).to(device), valid.to(device)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as same-size integers: ``gather`` / ``scatter_`` of those move raw bits (on bfloat16 they can
+    rewrite NaN payloads)."""
+    return tensor.view(_SAME_SIZE_INT[tensor.element_size()]) if tensor.is_floating_point() else tensor
+
+
+def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a small table and a large uint8 ``index`` (``index_select``: far faster than indexing)."""
+    return table.index_select(0, index.reshape(-1).to(torch.int32)).view(*index.shape, *table.shape[1:])
+
+
+def _blocks(dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, m: int,
+            codec: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Per run of equal bytes (a row's full bytes, then its partial last byte): ``(dense, values, meta, columns)``
+    blocks of shapes ``(out, bytes, columns)``, ``(out, bytes, columns/m*n)`` and ``(out, bytes)``, all views."""
+    rows, in_features = dense.shape
+    width = _BYTE_COLUMNS[codec]
+    full, rest = divmod(in_features, width)
+    for first, count, columns in ((0, full, width), (full, 1, rest)):
+        if count and columns:
+            start, kept = first * width, columns // m * n
+            yield (dense[:, start:start + count * columns].view(rows, count, columns),
+                   values[:, start // m * n:start // m * n + count * kept].view(rows, count, kept),
+                   meta[:, first:first + count], columns)
+
+
+def _group_patterns(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """``(out, in/m)`` uint8: bit j of a group's byte is set where its column j is nonzero (one pass per column of a
+    group, each over the whole tensor). ``bool()`` is ``!= 0`` (NaN counts, -0.0 does not), several times faster."""
+    nonzero = weight.bool().view(torch.uint8).view(weight.shape[0], -1, m)
+    pattern = nonzero[..., 0].clone()
+    for j in range(1, m):
+        pattern.bitwise_or_(nonzero[..., j] << j)
+    return pattern
+
+
+def _refuse_dense(over: int, n: int, m: int, name: str) -> None:
+    raise ValueError(f"{name} is not {n}:{m} sparse ({over} groups keep more than {n} nonzeros); prune it "
+                     "(peft_sparse.prune) or save with format='dense'.")
+
+
+def _check_width(weight: torch.Tensor, n: int, m: int, name: str) -> None:
+    if weight.dim() != 2 or weight.shape[1] % m:
+        raise ValueError(f"{name}: cannot pack shape {tuple(weight.shape)} as {n}:{m}; the input width must be a "
+                         f"multiple of {m}.")
 
 
 def kept_positions(weight: torch.Tensor, n: int, m: int, name: str = "weight") -> torch.Tensor:
     """The bool keep set of an N:M ``(out, in)`` weight; raises if any group has more than N nonzeros."""
-    if weight.dim() != 2 or weight.shape[1] % m:
-        raise ValueError(f"{name}: cannot pack shape {tuple(weight.shape)} as {n}:{m}; the input width must be a "
-                         f"multiple of {m}.")
+    _check_width(weight, n, m, name)
     nonzero = weight != 0
     over = int((nonzero.reshape(weight.shape[0], -1, m).sum(-1) > n).sum())
     if over:
-        raise ValueError(f"{name} is not {n}:{m} sparse ({over} groups keep more than {n} nonzeros); prune it "
-                         "(peft_sparse.prune) or save with format='dense'.")
+        _refuse_dense(over, n, m, name)
     return nm_mask(nonzero.to(torch.int8), n, m)  # every nonzero, padded with the lowest-index zeros
 
 
+def _encode(weight: torch.Tensor, n: int, m: int, codec: str, name: str) -> torch.Tensor:
+    """The uint8 metadata of a contiguous, byte-aligned ``weight``."""
+    rows, groups = weight.shape[0], weight.shape[1] // m
+    patterns = _group_patterns(weight, m)
+    if codec == "b6x3":
+        kept, invalid, per_byte = _lookup(_b6x3_codes(str(weight.device)), patterns), len(PAIRS_2_4), _B6_DIGITS
+        if kept.numel() and int(kept.max()) == invalid:
+            _refuse_dense(int((kept == invalid).sum()), n, m, name)
+    else:
+        kept, invalid, per_byte = _lookup(_kept_bits(n, m, str(weight.device)), patterns), 0, 8 // m
+        if kept.numel() and int(kept.min()) == invalid:
+            _refuse_dense(int((kept == invalid).sum()), n, m, name)
+    if groups % per_byte:
+        kept = torch.nn.functional.pad(kept, (0, per_byte - groups % per_byte))  # padding groups: code 0 / no bits
+    kept = kept.view(rows, -1, per_byte)
+    if per_byte == 1:
+        return kept[..., 0].contiguous()
+    radix = 6 if codec == "b6x3" else 1 << m
+    meta = kept[..., 0].clone()
+    for j in range(1, per_byte):  # at most 215 for b6x3, 255 for bitmask: uint8 throughout
+        meta.add_(kept[..., j] * radix**j)
+    return meta
+
+
+@torch.no_grad()
 def pack(weight: torch.Tensor, n: int, m: int, codec: str, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, meta)`` of an exactly N:M ``(out, in)`` weight."""
     check_codec(codec, n, m)
-    keep = kept_positions(weight, n, m, name)
+    _check_width(weight, n, m, name)
     out_features, in_features = weight.shape
-    values = weight[keep].reshape(out_features, -1)
-    if codec == "b6x3":
-        shifts = torch.arange(m, device=weight.device)
-        patterns = (keep.reshape(out_features, -1, m).to(torch.int64) << shifts).sum(-1)
-        codes = _pair_tables(str(weight.device))[0][patterns]
-        pad = (-codes.shape[1]) % _B6_DIGITS
-        digits = torch.nn.functional.pad(codes, (0, pad)).reshape(out_features, -1, _B6_DIGITS)
-        radix = torch.tensor([1, 6, 36], dtype=torch.int64, device=weight.device)
-        meta = (digits * radix).sum(-1).to(torch.uint8)
-    else:
+    if not _byte_aligned(codec, m):
+        keep = kept_positions(weight, n, m, name)
         bits = torch.nn.functional.pad(keep, (0, (-in_features) % 8)).reshape(out_features, -1, 8)
         meta = (bits.to(torch.int32) << torch.arange(8, device=weight.device, dtype=torch.int32)).sum(-1)
-        meta = meta.to(torch.uint8)
+        return _bits(weight)[keep].view(weight.dtype).reshape(out_features, -1), meta.to(torch.uint8)
+    weight = weight.contiguous()  # a Conv1D weight arrives as its transposed view
+    meta = _encode(weight, n, m, codec, name)
+    values = torch.empty(out_features, in_features // m * n, dtype=weight.dtype, device=weight.device)
+    for dense_block, value_block, meta_block, columns in _blocks(_bits(weight), _bits(values), meta, n, m, codec):
+        kept = _byte_tables(codec, n, m, columns, str(weight.device))[0]
+        torch.gather(dense_block, 2, _lookup(kept, meta_block), out=value_block)
     return values, meta
+
+
+def _check_packed(values: torch.Tensor, meta: torch.Tensor, in_features: int, n: int, m: int, codec: str) -> None:
+    if meta.dtype != torch.uint8:
+        raise ValueError(f"packed metadata must be uint8, not {meta.dtype}.")
+    rows = meta.shape[0] if meta.dim() == 2 else -1
+    expected = (rows, in_features // m * n), meta_shape(rows, in_features, m, codec)
+    if in_features % m or (tuple(values.shape), tuple(meta.shape)) != expected:
+        raise ValueError(f"packed values of shape {tuple(values.shape)} and metadata of shape {tuple(meta.shape)} do "
+                         f"not match (expected {expected[0]} and {expected[1]} for {n}:{m} over {in_features} "
+                         "inputs).")
+
+
+def _corrupt(codec: str, n: int, m: int) -> ValueError:
+    what = (f"a byte above {_B6_MAX_BYTE} or a padding group with a code other than 0" if codec == "b6x3"
+            else f"a group of {m} without exactly {n} kept columns, or a bit past the last column")
+    return ValueError(f"corrupt {codec} metadata: {what}.")
+
+
+def _check_bytes(meta: torch.Tensor, valid: torch.Tensor, columns: int, codec: str, n: int, m: int) -> None:
+    """Refuse bytes no packer writes: a max over the bytes for b6x3 (valid bytes are 0 .. 6**groups - 1), a lookup
+    of each byte for bitmask."""
+    if not meta.numel():
+        return
+    if codec == "b6x3":
+        ok = int(meta.max()) < 6 ** (columns // 4)
+    else:
+        ok = bool(_lookup(valid, meta).all())
+    if not ok:
+        raise _corrupt(codec, n, m)
+
+
+@torch.no_grad()
+def unpack(values: torch.Tensor, meta: torch.Tensor, in_features: int, n: int, m: int, codec: str) -> torch.Tensor:
+    """The dense ``(out, in)`` weight (values' dtype and device) from ``pack``'s output; raises on a shape mismatch
+    and on metadata no packer writes (corruption)."""
+    check_codec(codec, n, m)
+    _check_packed(values, meta, in_features, n, m, codec)
+    meta = meta.to(values.device)
+    dense = torch.zeros(meta.shape[0], in_features, dtype=values.dtype, device=values.device)
+    if not _byte_aligned(codec, m):
+        bits = (meta.unsqueeze(-1) >> torch.arange(8, device=meta.device, dtype=torch.uint8)) & 1
+        bits = bits.reshape(meta.shape[0], -1)
+        keep = bits[:, :in_features].bool()
+        if bits[:, in_features:].any() or (keep.reshape(meta.shape[0], -1, m).sum(-1) != n).any():
+            raise _corrupt(codec, n, m)
+        _bits(dense).masked_scatter_(keep, _bits(values))
+        return dense
+    for dense_block, value_block, meta_block, columns in _blocks(_bits(dense), _bits(values.contiguous()), meta, n,
+                                                                 m, codec):
+        kept, valid = _byte_tables(codec, n, m, columns, str(values.device))
+        _check_bytes(meta_block, valid, columns, codec, n, m)
+        dense_block.scatter_(2, _lookup(kept, meta_block), value_block)
+    return dense
 
 
 def unpack_mask(meta: torch.Tensor, in_features: int, n: int, m: int, codec: str) -> torch.Tensor:
     """The bool ``(out, in)`` keep set encoded by ``meta``; raises on bytes no packer writes (corruption)."""
-    check_codec(codec, n, m)
-    meta = meta.to(torch.int64)
-    if codec == "b6x3":
-        if meta.numel() and int(meta.max()) > _B6_MAX_BYTE:
-            raise ValueError(f"corrupt b6x3 metadata: a byte above {_B6_MAX_BYTE}.")
-        keep = _b6x3_byte_masks(str(meta.device))[meta]  # (out, bytes, 12)
-        return keep.reshape(meta.shape[0], -1)[:, :in_features]
-    bits = (meta.unsqueeze(-1) >> torch.arange(8, device=meta.device)) & 1
-    return bits.reshape(meta.shape[0], -1)[:, :in_features].bool()
-
-
-def unpack(values: torch.Tensor, meta: torch.Tensor, in_features: int, n: int, m: int, codec: str) -> torch.Tensor:
-    """The dense ``(out, in)`` weight (values' dtype and device) from ``pack``'s output."""
-    keep = unpack_mask(meta, in_features, n, m, codec)
-    expected = (meta.shape[0], in_features // m * n)
-    if tuple(values.shape) != expected or int(keep.sum()) != values.numel():
-        raise ValueError(f"packed values of shape {tuple(values.shape)} do not match their metadata "
-                         f"(expected {expected} for {n}:{m} over {in_features} inputs).")
-    dense = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
-    return dense.masked_scatter_(keep.to(values.device), values)
+    ones = torch.ones(meta.shape[0] if meta.dim() == 2 else 0, in_features // m * n, dtype=torch.bool,
+                      device=meta.device)
+    return unpack(ones, meta, in_features, n, m, codec)
