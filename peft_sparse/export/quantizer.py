@@ -39,11 +39,20 @@ def _parent(model: nn.Module, param_name: str) -> nn.Module:
     return model.get_submodule(param_name.rpartition(".")[0])
 
 
-class Unpack(ConversionOps):
-    """``{weight, weight_meta}`` from the checkpoint -> the dense weight; a lone ``weight`` passes through."""
+class _QuantizerOp(ConversionOps):
+    """An op that only reads its quantizer. transformers deep-copies the converter holding it once per checkpoint
+    tensor; copying the quantizer (its config, module list, model reference) took longer than decoding the whole
+    model, so copies share it."""
 
     def __init__(self, hf_quantizer: SparsityHfQuantizer) -> None:
         self.hf_quantizer = hf_quantizer
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _QuantizerOp:
+        return type(self)(self.hf_quantizer)
+
+
+class Unpack(_QuantizerOp):
+    """``{weight, weight_meta}`` from the checkpoint -> the dense weight; a lone ``weight`` passes through."""
 
     def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model: nn.Module | None = None,
                 **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -63,11 +72,8 @@ class Unpack(ConversionOps):
         return _IdentityOp()  # save_pretrained gets the packed tensors from get_state_dict_and_metadata
 
 
-class PruneOnLoad(ConversionOps):
+class PruneOnLoad(_QuantizerOp):
     """Magnitude-prune one target weight as it is read (in float32 on its (out, in) view, as ``prune`` does)."""
-
-    def __init__(self, hf_quantizer: SparsityHfQuantizer) -> None:
-        self.hf_quantizer = hf_quantizer
 
     def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model: nn.Module | None = None,
                 **kwargs: Any) -> dict[str, torch.Tensor]:
