@@ -357,6 +357,14 @@ def test_pack_and_unpack_match_the_reference(n, m, codec, dtype):
             torch.ones_like(values), meta, cols, n, m, codec).bool())
 
 
+@pytest.mark.parametrize("n,m,codec", CODEC_CASES)
+def test_group_patterns_without_the_word_trick(n, m, codec, monkeypatch):
+    w = _nasty_nm(6, 7 * m, n, m, torch.float32, 1)  # the per-column path (big-endian hosts) packs the same
+    expected = packing.pack(w, n, m, codec)
+    monkeypatch.setattr(packing, "_LITTLE_ENDIAN", False)
+    assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(packing.pack(w, n, m, codec), expected))
+
+
 def test_pack_reads_transposed_views():
     w = _nasty_nm(24, 40, 2, 4, torch.float32, 3)
     stored = w.t().contiguous()  # Conv1D storage: the (out, in) view is a transpose

@@ -17,6 +17,7 @@ zeros, so packing is deterministic. Everything is vectorised over the whole tens
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from functools import cache
 
@@ -92,6 +93,15 @@ def _b6x3_codes(device: str) -> torch.Tensor:
 
 
 @cache
+def _b6x3_bytes(device: str) -> torch.Tensor:
+    """Nonzero patterns of three 2:4 groups (4 bits each, first group lowest) -> their b6x3 byte; 255 when a group
+    has more than 2 nonzeros. Padding groups past the row end have pattern 0, so code 0, as the format asks."""
+    codes = _b6x3_codes("cpu")[(torch.arange(1 << 12).unsqueeze(-1) >> torch.tensor([0, 4, 8])) & 15].to(torch.int64)
+    byte = (codes * torch.tensor([1, 6, 36])).sum(-1)
+    return torch.where((codes == len(PAIRS_2_4)).any(-1), 255, byte).to(torch.uint8).to(device)
+
+
+@cache
 def _byte_tables(codec: str, n: int, m: int, columns: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """For a byte covering ``columns`` weight columns: (byte -> its kept columns in increasing order, int64
     ``(256, columns/m*n)``; byte -> whether a packer writes it, bool ``(256,)``). Invalid bytes point at column 0."""
@@ -109,6 +119,7 @@ def _byte_tables(codec: str, n: int, m: int, columns: int, device: str) -> tuple
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -138,13 +149,25 @@ def _blocks(dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: in
 
 
 def _group_patterns(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """``(out, in/m)`` uint8: bit j of a group's byte is set where its column j is nonzero (one pass per column of a
-    group, each over the whole tensor). ``bool()`` is ``!= 0`` (NaN counts, -0.0 does not), several times faster."""
-    nonzero = weight.bool().view(torch.uint8).view(weight.shape[0], -1, m)
-    pattern = nonzero[..., 0].clone()
-    for j in range(1, m):
-        pattern.bitwise_or_(nonzero[..., j] << j)
-    return pattern
+    """``(out, in/m)`` integers (at most 8 bits): bit j is set where column j of the group is nonzero. ``bool()`` is
+    ``!= 0`` (NaN counts, -0.0 does not), several times faster.
+
+    A group's m bools are read as one m-byte little-endian word (byte j = column j, at bit 8j) and folded into the low
+    m bits with log2(m) shift-or steps: ``w | w >> 7`` moves bit 8j+8 next to bit 8j, then pairs, then quads."""
+    nonzero = weight.bool().view(torch.uint8)
+    if m == 1 or not _LITTLE_ENDIAN:  # one pass per column of a group
+        columns = nonzero.view(weight.shape[0], -1, m)
+        pattern = columns[..., 0].clone()
+        for j in range(1, m):
+            pattern.bitwise_or_(columns[..., j] << j)
+        return pattern.to(torch.int32)
+    word = nonzero.view(_SAME_SIZE_INT[m]).view(weight.shape[0], -1)
+    shift = 7
+    while shift < 7 * m:
+        folded = word >> shift
+        word = folded.bitwise_or_(word)
+        shift *= 2
+    return word.bitwise_and_((1 << m) - 1)
 
 
 def _refuse_dense(over: int, n: int, m: int, name: str) -> None:
@@ -172,23 +195,27 @@ def _encode(weight: torch.Tensor, n: int, m: int, codec: str, name: str) -> torc
     """The uint8 metadata of a contiguous, byte-aligned ``weight``."""
     rows, groups = weight.shape[0], weight.shape[1] // m
     patterns = _group_patterns(weight, m)
-    if codec == "b6x3":
-        kept, invalid, per_byte = _lookup(_b6x3_codes(str(weight.device)), patterns), len(PAIRS_2_4), _B6_DIGITS
-        if kept.numel() and int(kept.max()) == invalid:
-            _refuse_dense(int((kept == invalid).sum()), n, m, name)
-    else:
-        kept, invalid, per_byte = _lookup(_kept_bits(n, m, str(weight.device)), patterns), 0, 8 // m
-        if kept.numel() and int(kept.min()) == invalid:
-            _refuse_dense(int((kept == invalid).sum()), n, m, name)
-    if groups % per_byte:
-        kept = torch.nn.functional.pad(kept, (0, per_byte - groups % per_byte))  # padding groups: code 0 / no bits
-    kept = kept.view(rows, -1, per_byte)
+    per_byte = _B6_DIGITS if codec == "b6x3" else 8 // m
+    if codec == "b6x3":  # three patterns -> a 12-bit key -> the byte, one lookup per byte
+        padded = torch.nn.functional.pad(patterns, (0, -groups % per_byte)) if groups % per_byte else patterns
+        padded = padded.view(rows, -1, per_byte)
+        key = padded[..., 0] | padded[..., 1] << 4 | padded[..., 2] << 8
+        meta = _lookup(_b6x3_bytes(str(weight.device)), key)
+        if meta.numel() and int(meta.max()) == 255:
+            _refuse_dense(int((_lookup(_b6x3_codes(str(weight.device)), patterns) == len(PAIRS_2_4)).sum()), n, m,
+                          name)
+        return meta
+    kept = _lookup(_kept_bits(n, m, str(weight.device)), patterns)  # 0: more than n nonzeros
+    if kept.numel() and int(kept.min()) == 0:
+        _refuse_dense(int((kept == 0).sum()), n, m, name)
     if per_byte == 1:
-        return kept[..., 0].contiguous()
-    radix = 6 if codec == "b6x3" else 1 << m
+        return kept
+    if groups % per_byte:
+        kept = torch.nn.functional.pad(kept, (0, -groups % per_byte))  # padding groups: no bits
+    kept = kept.view(rows, -1, per_byte)
     meta = kept[..., 0].clone()
-    for j in range(1, per_byte):  # at most 215 for b6x3, 255 for bitmask: uint8 throughout
-        meta.add_(kept[..., j] * radix**j)
+    for j in range(1, per_byte):
+        meta.bitwise_or_(kept[..., j] << m * j)
     return meta
 
 
