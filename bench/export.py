@@ -1,18 +1,27 @@
 """Export benchmark: SmolLM2-135M pruned 2:4 (magnitude), dense vs packed checkpoints in fp32 and bf16.
 
 Per dtype: payload bytes of the decoder linears and of the whole checkpoint for the dense format, the packed format
-and the information limit (kept values + log2(6) bits per 2:4 group), plus the real file sizes; save and load seconds
-(median of ``--repeats`` fresh loads with ``AutoModelForCausalLM.from_pretrained``, one torch thread); and whether the
-logits of a fresh process loading the packed checkpoint equal those of the in-memory model (bit for bit).
+and the information limit (kept values + log2(6) bits per 2:4 group), plus the real file sizes; save and load seconds;
+and whether the logits of a fresh process loading the packed checkpoint equal those of the dense checkpoint loaded by
+plain transformers (bit for bit).
 
-    python bench/export.py [--repeats 3] [--output bench/results/export.json]
+Timing (one torch thread, warm page cache, medians of ``--repeats``): the two formats alternate within one process
+(dense, packed, then packed, dense, ...) so that a load on a shared machine hits both alike. A load is timed twice:
+``load`` is ``AutoModelForCausalLM.from_pretrained`` alone; ``load_forward`` adds the first forward pass (64 tokens).
+The two differ in what they compare: transformers memory-maps a dense checkpoint and reads none of it during
+``from_pretrained`` (the first forward then pages the weights in), while a packed load decodes every sparse layer into
+new memory. ``load_forward`` is the like-for-like time until the model has computed with all its weights.
+
+    python bench/export.py [--repeats 5] [--output bench/results/export.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,21 +55,57 @@ def payload_bytes(directory: Path) -> dict[str, int]:
     return sizes
 
 
-def timed_loads(directory: Path, repeats: int) -> float:
+def _median(samples: list[float]) -> float:
+    return round(statistics.median(samples), 3)
+
+
+def _alternating(formats: tuple[str, ...], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, format) in ABBA order: each format goes first in every other repeat."""
+    return [(r, fmt) for r in range(repeats) for fmt in (formats if r % 2 == 0 else formats[::-1])]
+
+
+def timed_saves(model: torch.nn.Module, config, scratch: Path, dtype_name: str, repeats: int) -> dict[str, list]:
+    """Seconds of ``peft_sparse.save_pretrained`` per format into a fresh directory (removed outside the timing)."""
+    import peft_sparse
+
+    seconds = {"dense": [], "packed": []}
+    for repeat, fmt in _alternating(("dense", "packed"), repeats):
+        directory = scratch / f"{dtype_name}-{fmt}-save{repeat}"
+        gc.collect()
+        start = time.perf_counter()
+        peft_sparse.save_pretrained(model, directory, fmt, config=config)
+        seconds[fmt].append(time.perf_counter() - start)
+        shutil.rmtree(directory)
+    return seconds
+
+
+def timed_loads(directories: dict[str, Path], ids: torch.Tensor, repeats: int) -> dict[str, dict[str, list]]:
+    """Per format: seconds of fresh ``from_pretrained`` loads and of the first forward after each."""
     from transformers import AutoModelForCausalLM
 
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    for directory in directories.values():  # one untimed load each: imports, lazy initialisations
         AutoModelForCausalLM.from_pretrained(directory)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    samples = {fmt: {"load": [], "load_forward": []} for fmt in directories}
+    for _, fmt in _alternating(tuple(directories), repeats):
+        gc.collect()
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(directories[fmt])
+        loaded = time.perf_counter()
+        with torch.no_grad():
+            model(ids)
+        samples[fmt]["load"].append(loaded - start)
+        samples[fmt]["load_forward"].append(time.perf_counter() - start)
+        del model
+    return samples
 
 
 def run(repeats: int) -> dict:
+    from transformers.utils import logging
+
     import peft_sparse
     from peft_sparse.sparsity.packing import information_limit_nbytes
 
+    logging.disable_progress_bar()
     torch.set_num_threads(1)
     base, _ = peft_sparse.smollm2()
     config = peft_sparse.SparsityConfig(method="magnitude", pattern="2:4")
@@ -68,25 +113,32 @@ def run(repeats: int) -> dict:
     modules = list(peft_sparse.modeling.select_sparse_modules(base, config.targets, config.ignore))
     ids = torch.randint(0, base.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     results = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), 2:4 magnitude", "torch": torch.__version__,
-               "machine": platform.processor() or platform.machine(), "threads": 1, "repeats": repeats}
+               "machine": platform.processor() or platform.machine(), "threads": 1, "repeats": repeats,
+               "timing": "medians; formats alternate in one process; load = from_pretrained only (a dense checkpoint "
+                         "is memory-mapped, not read); load_forward = from_pretrained + first forward (64 tokens)"}
     with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
         for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             model = base.to(dtype)
             row, element = {}, torch.finfo(dtype).bits // 8
             limit_linears = sum(information_limit_nbytes(*peft_sparse.modeling.out_in(model.get_submodule(n)).shape,
                                                          2, 4, element) for n in modules)
-            for fmt in ("dense", "packed"):
-                directory = Path(scratch) / f"{dtype_name}-{fmt}"
-                start = time.perf_counter()
+            directories = {fmt: scratch / f"{dtype_name}-{fmt}" for fmt in ("dense", "packed")}
+            for fmt, directory in directories.items():
                 peft_sparse.save_pretrained(model, directory, fmt, config=config)
-                save_s = time.perf_counter() - start
                 sizes = payload_bytes(directory)
                 linears = sum(v for k, v in sizes.items() if k.rpartition(".")[0] in modules
                               or k.removesuffix("_meta").rpartition(".")[0] in modules)
                 files = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
                 row[fmt] = {"linear_bytes": linears, "checkpoint_payload_bytes": sum(sizes.values()),
-                            "safetensors_file_bytes": files, "save_seconds": round(save_s, 3),
-                            "load_seconds": round(timed_loads(directory, repeats), 3)}
+                            "safetensors_file_bytes": files}
+            saves = timed_saves(model, config, scratch, dtype_name, repeats)
+            loads = timed_loads(directories, ids, repeats)
+            for fmt in directories:
+                row[fmt].update({"save_seconds": _median(saves[fmt]), "load_seconds": _median(loads[fmt]["load"]),
+                                 "load_forward_seconds": _median(loads[fmt]["load_forward"]),
+                                 "samples": {"save": [round(x, 3) for x in saves[fmt]],
+                                             **{k: [round(x, 3) for x in v] for k, v in loads[fmt].items()}}})
             other = row["dense"]["checkpoint_payload_bytes"] - row["dense"]["linear_bytes"]
             row["limit"] = {"linear_bytes": round(limit_linears), "checkpoint_payload_bytes": round(limit_linears + other)}
             packed, dense = row["packed"], row["dense"]
@@ -94,13 +146,14 @@ def run(repeats: int) -> dict:
             row["packed_linears_over_limit"] = round(packed["linear_bytes"] / limit_linears - 1, 5)
             row["packed_checkpoint_vs_dense"] = round(packed["checkpoint_payload_bytes"]
                                                       / dense["checkpoint_payload_bytes"], 5)
-            row["load_ratio_packed_over_dense"] = round(packed["load_seconds"] / dense["load_seconds"], 3)
-            torch.save(ids, Path(scratch) / "ids.pt")
-            subprocess.run([sys.executable, "-c", RELOAD, str(Path(scratch) / f"{dtype_name}-packed"),
-                            str(Path(scratch) / "ids.pt"), str(Path(scratch) / "logits.pt")], check=True)
-            fresh = torch.load(Path(scratch) / "logits.pt")
+            for key in ("load", "load_forward", "save"):
+                row[f"{key}_ratio_packed_over_dense"] = round(packed[f"{key}_seconds"] / dense[f"{key}_seconds"], 3)
+            torch.save(ids, scratch / "ids.pt")
+            subprocess.run([sys.executable, "-c", RELOAD, str(directories["packed"]), str(scratch / "ids.pt"),
+                            str(scratch / "logits.pt")], check=True)
+            fresh = torch.load(scratch / "logits.pt")
             with torch.no_grad():  # reference: the dense checkpoint loaded in plain transformers (no peft_sparse)
-                expected = type(model).from_pretrained(Path(scratch) / f"{dtype_name}-dense")(ids).logits
+                expected = type(model).from_pretrained(directories["dense"])(ids).logits
             row["fresh_process_logits_identical"] = bool(torch.equal(fresh, expected))
             results[dtype_name] = row
     return results
@@ -108,7 +161,7 @@ def run(repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "export.json"))
     args = parser.parse_args()
     results = run(args.repeats)
