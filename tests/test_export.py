@@ -355,6 +355,8 @@ def test_pack_and_unpack_match_the_reference(n, m, codec, dtype):
         assert torch.equal(dense.isnan(), w.isnan()) and torch.equal(dense.nan_to_num(), w.nan_to_num())
         assert torch.equal(packing.unpack_mask(meta, cols, n, m, codec), _ref_unpack(
             torch.ones_like(values), meta, cols, n, m, codec).bool())
+        stored = packing.unpack(values, meta, cols, n, m, codec, transpose=True)  # Conv1D storage
+        assert stored.is_contiguous() and torch.equal(_bits(stored), _bits(dense.t()))
 
 
 @pytest.mark.parametrize("n,m,codec", CODEC_CASES)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps, _IdentityOp
+from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
@@ -62,10 +63,9 @@ class Unpack(_QuantizerOp):
         config = self.hf_quantizer.quantization_config
         pattern = config.sparsity_pattern
         module = _parent(model, full_layer_name)
-        in_features = out_in(module).shape[1]
-        dense = packing.unpack(weight, _single(input_dict["weight" + META_SUFFIX]), in_features, pattern.n,
-                               pattern.m, config.resolved_codec)
-        return {"weight": to_storage(module, dense).contiguous()}
+        stored = packing.unpack(weight, _single(input_dict["weight" + META_SUFFIX]), out_in(module).shape[1],
+                                pattern.n, pattern.m, config.resolved_codec, transpose=isinstance(module, Conv1D))
+        return {"weight": stored}  # decoded straight into the storage orientation (Conv1D: (in, out))
 
     @property
     def reverse_op(self) -> ConversionOps:

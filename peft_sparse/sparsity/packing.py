@@ -270,27 +270,32 @@ def _check_bytes(meta: torch.Tensor, valid: torch.Tensor, columns: int, codec: s
 
 
 @torch.no_grad()
-def unpack(values: torch.Tensor, meta: torch.Tensor, in_features: int, n: int, m: int, codec: str) -> torch.Tensor:
+def unpack(values: torch.Tensor, meta: torch.Tensor, in_features: int, n: int, m: int, codec: str, *,
+           transpose: bool = False) -> torch.Tensor:
     """The dense ``(out, in)`` weight (values' dtype and device) from ``pack``'s output; raises on a shape mismatch
-    and on metadata no packer writes (corruption)."""
+    and on metadata no packer writes (corruption). ``transpose=True`` returns the contiguous ``(in, out)`` transpose
+    instead (GPT-2 ``Conv1D`` storage), decoded straight into it rather than copied."""
     check_codec(codec, n, m)
     _check_packed(values, meta, in_features, n, m, codec)
     meta = meta.to(values.device)
-    dense = torch.zeros(meta.shape[0], in_features, dtype=values.dtype, device=values.device)
+    rows = meta.shape[0]
+    storage = torch.zeros((in_features, rows) if transpose else (rows, in_features), dtype=values.dtype,
+                          device=values.device)
+    dense = _bits(storage).t() if transpose else _bits(storage)  # the (out, in) view of the result
     if not _byte_aligned(codec, m):
         bits = (meta.unsqueeze(-1) >> torch.arange(8, device=meta.device, dtype=torch.uint8)) & 1
-        bits = bits.reshape(meta.shape[0], -1)
+        bits = bits.reshape(rows, -1)
         keep = bits[:, :in_features].bool()
-        if bits[:, in_features:].any() or (keep.reshape(meta.shape[0], -1, m).sum(-1) != n).any():
+        if bits[:, in_features:].any() or (keep.reshape(rows, -1, m).sum(-1) != n).any():
             raise _corrupt(codec, n, m)
-        _bits(dense).masked_scatter_(keep, _bits(values))
-        return dense
-    for dense_block, value_block, meta_block, columns in _blocks(_bits(dense), _bits(values.contiguous()), meta, n,
-                                                                 m, codec):
+        dense.masked_scatter_(keep, _bits(values))
+        return storage
+    for dense_block, value_block, meta_block, columns in _blocks(dense, _bits(values.contiguous()), meta, n, m,
+                                                                 codec):
         kept, valid = _byte_tables(codec, n, m, columns, str(values.device))
         _check_bytes(meta_block, valid, columns, codec, n, m)
         dense_block.scatter_(2, _lookup(kept, meta_block), value_block)
-    return dense
+    return storage
 
 
 def unpack_mask(meta: torch.Tensor, in_features: int, n: int, m: int, codec: str) -> torch.Tensor:
