@@ -207,7 +207,7 @@ def time_trainer(dense, dataset, args, sparse: bool, teacher=None) -> float:
     steps = args.timing_steps + 1
     with tempfile.TemporaryDirectory() as tmp:
         if sparse:
-            settings = sparse_arguments(tmp, args, max_steps=steps, finalize_at_end=False)
+            settings = sparse_arguments(tmp, args, max_steps=steps)
             trainer = SparseTrainer(model=model, args=settings, teacher=teacher, train_dataset=dataset,
                                     callbacks=[timer])
         else:

@@ -36,7 +36,7 @@ PATTERN = SparsityPattern.parse("2:4")
 
 def run(output_dir: str, placement: str, batching: dict) -> SparseTrainer:
     args = make_args(output_dir, max_steps=4, srste_placement=placement, srste_decay=0.05, srste_ramp_steps=0,
-                     distill_alpha=1.0, finalize_at_end=False, **batching)
+                     distill_alpha=1.0, **batching)
     trainer = SparseTrainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(), teacher=tiny_llama(seed=1))
     trainer.train()
     return trainer

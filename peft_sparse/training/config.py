@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..errors import SparseConfigError
 from ..modeling import compile_patterns
 from ..sparsity import SparsityPattern
 from ..tuners.slorb.config import SLORB_INITS
@@ -17,12 +18,15 @@ SRSTE_PLACEMENTS = ("gradient", "step", "update")
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}.")
+        raise SparseConfigError(f"{name}={value!r} is not supported; choose one of {choices}.")
 
 
 @dataclass
-class SparseTrainingArguments(TrainingArguments):
-    """:class:`~transformers.TrainingArguments` plus the knobs of sparse retraining (paper sections 3.2, 4.2-4.4).
+class SparseArgumentsMixin:
+    """The knobs of sparse retraining (paper sections 3.2, 4.2-4.4), mixed into a ``TrainingArguments`` dataclass.
+
+    :class:`SparseTrainingArguments` (for :class:`~peft_sparse.SparseTrainer`) and
+    :class:`~peft_sparse.SparseSFTConfig` (for TRL) are this mixin over ``TrainingArguments`` / ``SFTConfig``.
 
     Args:
         pattern: ``"N:M"`` (N kept of every M inputs) or an unstructured ratio; default ``"2:4"``. Masks are
@@ -56,8 +60,6 @@ class SparseTrainingArguments(TrainingArguments):
         slorb_trainable_projection: also train SLoRB's projection X (n/k x n, block ones at init), as the authors'
             AST-Boosted recipe does; costs n²/k parameters per layer on top of S's m·n/k (doubles SLoRB's share
             for square layers: 12.5% instead of 6.25% of the dense weights at k=16).
-        finalize_at_end: hard-prune the weights to the final mask at the end of :meth:`SparseTrainer.train`, so
-            ``save_model`` writes an exactly N:M model that loads in plain transformers.
     """
 
     pattern: str = field(default="2:4", metadata={"help": "'N:M' = keep N of every M input weights."})
@@ -81,7 +83,6 @@ class SparseTrainingArguments(TrainingArguments):
     slorb_trainable_projection: bool = field(
         default=False, metadata={"help": "AST-Boosted: also train the SLoRB projection X (n^2/k params per layer)."}
     )
-    finalize_at_end: bool = field(default=True, metadata={"help": "Hard-prune to the final mask after train()."})
 
     def __post_init__(self) -> None:
         self.validate_sparse_arguments()
@@ -97,27 +98,35 @@ class SparseTrainingArguments(TrainingArguments):
         _check_choice("pruned_values", self.pruned_values, PRUNED_VALUES)
         _check_choice("srste_placement", self.srste_placement, SRSTE_PLACEMENTS)
         if not isinstance(self.mask_update_interval, int) or self.mask_update_interval < 1:
-            raise ValueError(f"mask_update_interval must be a positive integer, got {self.mask_update_interval!r}.")
+            raise SparseConfigError(f"mask_update_interval must be a positive integer, got {self.mask_update_interval!r}.")
         if self.srste_decay < 0:
-            raise ValueError(f"srste_decay must be >= 0, got {self.srste_decay}.")
+            raise SparseConfigError(f"srste_decay must be >= 0, got {self.srste_decay}.")
         if self.srste_ramp_steps is not None and self.srste_ramp_steps < 0:
-            raise ValueError(f"srste_ramp_steps must be >= 0 (0 = constant) or None, got {self.srste_ramp_steps}.")
+            raise SparseConfigError(f"srste_ramp_steps must be >= 0 (0 = constant) or None, got {self.srste_ramp_steps}.")
         if self.distill_alpha < 0 or self.distill_temperature <= 0:
-            raise ValueError(
+            raise SparseConfigError(
                 f"Need distill_alpha >= 0 and distill_temperature > 0, got {self.distill_alpha} and "
                 f"{self.distill_temperature}."
             )
         if self.pruned_values == "teacher" and self.mask_init != "pruned":
-            raise ValueError(
+            raise SparseConfigError(
                 "pruned_values='teacher' restores the pruned entries of an already pruned model; "
                 "set mask_init='pruned' as well (with mask_init='magnitude' the dense weights are already there)."
             )
         _check_choice("slorb_init", self.slorb_init, SLORB_INITS)
-        if self.slorb_k is not None and (isinstance(self.slorb_k, bool) or not isinstance(self.slorb_k, int)
-                                         or self.slorb_k < 2):
-            raise ValueError(f"slorb_k must be an integer >= 2 dividing the layer widths (paper: 16-64), got {self.slorb_k!r}.")
+        if self.slorb_k is not None and (
+            isinstance(self.slorb_k, bool) or not isinstance(self.slorb_k, int) or self.slorb_k < 2
+        ):
+            raise SparseConfigError(
+                f"slorb_k must be an integer >= 2 dividing the layer widths (paper: 16-64), got {self.slorb_k!r}."
+            )
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
         """The parsed ``pattern`` (the same rule as :class:`~peft_sparse.SparsityConfig`)."""
         return SparsityPattern.parse(self.pattern)
+
+
+@dataclass
+class SparseTrainingArguments(SparseArgumentsMixin, TrainingArguments):
+    """:class:`~transformers.TrainingArguments` plus the sparse fields of :class:`SparseArgumentsMixin`."""
