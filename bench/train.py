@@ -29,8 +29,10 @@ import argparse
 import copy
 import json
 import logging
+import os
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,9 +191,32 @@ def flip_telemetry(starts: dict, dense, tokenizer, args) -> dict:
     }
 
 
+def resident_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc``)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class StepTimer(TrainerCallback):
+    """Seconds per optimizer step, and the peak resident memory above the level before the first step."""
+
     def __init__(self):
         self.durations: list[float] = []
+        self.peak = self.baseline = 0
+        self._sampling = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._sampling.wait(0.005):
+            self.peak = max(self.peak, resident_bytes())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.baseline = self.peak = resident_bytes()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._sampling.set()
+        self._sampler.join()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.began = time.perf_counter()
@@ -200,8 +225,9 @@ class StepTimer(TrainerCallback):
         self.durations.append(time.perf_counter() - self.began)
 
 
-def time_trainer(dense, dataset, args, sparse: bool, teacher=None) -> float:
-    """Median seconds per optimizer step (the first step is a warm-up and not counted)."""
+def time_trainer(dense, dataset, args, sparse: bool, teacher=None) -> tuple[float, float]:
+    """Median seconds per optimizer step (the first step is a warm-up and not counted), and the peak memory (MiB)
+    above the resident level at the start of training (model and optimizer state excluded, activations included)."""
     timer = StepTimer()
     model = trainable_copy(dense)
     steps = args.timing_steps + 1
@@ -214,15 +240,19 @@ def time_trainer(dense, dataset, args, sparse: bool, teacher=None) -> float:
             settings = TrainingArguments(**{**plain_settings(tmp, args), "max_steps": steps})
             trainer = Trainer(model=model, args=settings, train_dataset=dataset, callbacks=[timer])
         trainer.train()
-    return statistics.median(timer.durations[1:])
+    return statistics.median(timer.durations[1:]), (timer.peak - timer.baseline) / 2**20
 
 
 def step_times(dense, dataset, args) -> dict:
-    plain = time_trainer(dense, dataset, args, sparse=False)
-    srste = time_trainer(dense, dataset, args, sparse=True)
-    with_teacher = time_trainer(dense, dataset, args, sparse=True, teacher=dense)
+    """The three trainers back to back in this process (on a shared machine, compare ratios, not seconds)."""
+    (plain, plain_mib), (srste, srste_mib), (with_teacher, teacher_mib) = (
+        time_trainer(dense, dataset, args, sparse=False),
+        time_trainer(dense, dataset, args, sparse=True),
+        time_trainer(dense, dataset, args, sparse=True, teacher=dense),
+    )
     return dict(plain_s=plain, sparse_s=srste, sparse_teacher_s=with_teacher, ratio_no_teacher=srste / plain,
-                ratio_with_teacher=with_teacher / plain)
+                ratio_with_teacher=with_teacher / plain, peak_mib_plain=plain_mib, peak_mib_sparse=srste_mib,
+                peak_mib_sparse_teacher=teacher_mib)
 
 
 def main() -> None:
