@@ -21,39 +21,33 @@ def kl_distill_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
 
 
 class _ChunkedKL(torch.autograd.Function):
-    """:func:`kl_distill_sum` over row chunks: no full-size fp32 copy of either logits tensor, in either pass.
+    """:func:`kl_distill_sum` over row chunks, with no full-size fp32 copy of either logits tensor.
 
-    The backward recomputes each chunk's softmaxes and writes ``T · (q_s - p_t)`` (the gradient of ``T² · KL`` with
-    respect to the student logits) straight into a gradient in the student's dtype, so autograd keeps nothing but the
-    two input tensors alive.
+    Each chunk's softmaxes are computed once: the forward also writes the chunk's gradient direction ``q_s - p_t``
+    (the gradient of ``T² · KL`` with respect to the student logits is ``T · (q_s - p_t)``) into one buffer in the
+    student's dtype, which the backward scales in place and returns. So the backward costs one multiply, and between
+    the passes autograd holds that one buffer (the size of the gradient it replaces) instead of the softmaxes.
     """
 
     @staticmethod
     def forward(ctx, student, teacher, rows, temperature, chunk):
         total = torch.zeros((), dtype=torch.float32, device=student.device)
+        direction = torch.zeros_like(student)
         for index in torch.split(rows, chunk):
-            log_q, log_p = _log_probs(student, teacher, index, temperature)
-            total += torch.sum(log_p.exp() * (log_p - log_q))
-        ctx.save_for_backward(student, rows)
-        ctx.teacher = teacher  # not saved for backward: the teacher's logits may be inference tensors (no autograd)
-        ctx.temperature, ctx.chunk = temperature, chunk
+            scaled = student.index_select(0, index).float().div_(temperature)
+            log_q = F.log_softmax(scaled, dim=-1)
+            log_p = F.log_softmax(teacher.index_select(0, index).float().div_(temperature), dim=-1)
+            p = log_p.exp()
+            total += torch.sub(log_p, log_q, out=scaled).mul_(p).sum()
+            direction.index_copy_(0, index, log_q.exp_().sub_(p).to(student.dtype))
+        ctx.save_for_backward(direction)
+        ctx.temperature = temperature
         return total * temperature**2
 
     @staticmethod
     def backward(ctx, grad):
-        student, rows = ctx.saved_tensors
-        grad_student = torch.zeros_like(student)
-        for index in torch.split(rows, ctx.chunk):
-            log_q, log_p = _log_probs(student, ctx.teacher, index, ctx.temperature)
-            chunk_grad = (log_q.exp_() - log_p.exp_()).mul_(grad * ctx.temperature)
-            grad_student.index_copy_(0, index, chunk_grad.to(student.dtype))
-        return grad_student, None, None, None, None
-
-
-def _log_probs(student, teacher, index, temperature) -> tuple[torch.Tensor, torch.Tensor]:
-    log_q = F.log_softmax(student.index_select(0, index).float().div_(temperature), dim=-1)
-    log_p = F.log_softmax(teacher.index_select(0, index).float().div_(temperature), dim=-1)
-    return log_q, log_p
+        (direction,) = ctx.saved_tensors
+        return direction.mul_(grad * ctx.temperature), None, None, None, None
 
 
 def chunked_kl_distill_sum(
