@@ -164,7 +164,9 @@ def _check_source(source: str, what: str) -> None:
     if source in (EMBEDDED, *HUB_DATASETS):
         return
     if not is_local_source(source):
-        raise SparseConfigError(f"Unknown {what} {source!r}: use {EMBEDDED!r}, {' or '.join(HUB_DATASETS)}, or a file path.")
+        raise SparseConfigError(
+            f"Unknown {what} {source!r}: use {EMBEDDED!r}, {' or '.join(HUB_DATASETS)}, or a file path."
+        )
     check_local_file(source)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM, OPTConfig
 from transformers.pytorch_utils import Conv1D
@@ -13,8 +14,6 @@ from peft_sparse.modeling import find_decoder_blocks, out_in, select_sparse_modu
 from peft_sparse.pruning import engine
 from peft_sparse.sparsity import SparsityPattern, follows_nm
 from peft_sparse.training.layers import attach_sparse_layers
-
-from conftest import make_tiny_model
 
 
 def opt_with_projections(seed: int = 0) -> nn.Module:

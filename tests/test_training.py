@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import SparseTrainer, SparseTrainingArguments
 from peft_sparse.errors import SparseStateError
-from peft_sparse.sparsity import follows_nm, nm_mask
+from peft_sparse.sparsity import SparsityPattern, follows_nm, nm_mask
 from peft_sparse.training import (
     MaskedWeight,
     SparseAdamW,
@@ -29,7 +29,6 @@ from peft_sparse.training import (
 from peft_sparse.training.layers import SparseConv1D, SparseLinear, magnitude_mask
 from peft_sparse.training.losses import scored_rows, shifted_token_mask
 from peft_sparse.training.plot import flip_series, plot_flip_rates
-from peft_sparse.sparsity import SparsityPattern
 
 PATTERN = SparsityPattern.parse("2:4")
 
@@ -304,7 +303,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 6
     _resumed_matches(full, resumed)
-    assert not torch.equal(full.sparse_layers["model.layers.0.mlp.up_proj"].weight, tiny_llama().model.layers[0].mlp.up_proj.weight)
+    trained = full.sparse_layers["model.layers.0.mlp.up_proj"].weight
+    assert not torch.equal(trained, tiny_llama().model.layers[0].mlp.up_proj.weight)
 
 
 def test_train_keeps_the_trainer_trainable_and_finalize_ends_it(tmp_path):

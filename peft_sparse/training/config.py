@@ -98,11 +98,15 @@ class SparseArgumentsMixin:
         _check_choice("pruned_values", self.pruned_values, PRUNED_VALUES)
         _check_choice("srste_placement", self.srste_placement, SRSTE_PLACEMENTS)
         if not isinstance(self.mask_update_interval, int) or self.mask_update_interval < 1:
-            raise SparseConfigError(f"mask_update_interval must be a positive integer, got {self.mask_update_interval!r}.")
+            raise SparseConfigError(
+                f"mask_update_interval must be a positive integer, got {self.mask_update_interval!r}."
+            )
         if self.srste_decay < 0:
             raise SparseConfigError(f"srste_decay must be >= 0, got {self.srste_decay}.")
         if self.srste_ramp_steps is not None and self.srste_ramp_steps < 0:
-            raise SparseConfigError(f"srste_ramp_steps must be >= 0 (0 = constant) or None, got {self.srste_ramp_steps}.")
+            raise SparseConfigError(
+                f"srste_ramp_steps must be >= 0 (0 = constant) or None, got {self.srste_ramp_steps}."
+            )
         if self.distill_alpha < 0 or self.distill_temperature <= 0:
             raise SparseConfigError(
                 f"Need distill_alpha >= 0 and distill_temperature > 0, got {self.distill_alpha} and "
