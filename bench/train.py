@@ -171,6 +171,7 @@ def train_run(name: str, run: Run, start, dense, tokenizer, dataset, args, score
         began = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - began
+        trainer.finalize()  # evaluate the hard-pruned, exactly 2:4 model
     flips = [row for row in trainer.state.log_history if "flip_rate" in row]
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     result = dict(train_seconds=round(seconds, 1), losses=losses, flips=flips, settings={**overrides, **settings})

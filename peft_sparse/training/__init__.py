@@ -25,8 +25,10 @@ _TRL_NAMES = ("SparseSFTConfig", "SparseSFTTrainer")
 
 def __getattr__(name: str):
     if name in _TRL_NAMES:
-        from . import sft
-
+        try:
+            from . import sft
+        except ImportError as error:
+            raise ImportError(f"{name} needs TRL: pip install 'peft_sparse[trl]'.") from error
         return getattr(sft, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
