@@ -44,7 +44,7 @@ from peft_sparse import SparseTrainer, SparseTrainingArguments, SparsityConfig, 
 from peft_sparse.data import load_calibration
 from peft_sparse.evaluation import perplexity
 from peft_sparse.models import smollm2
-from peft_sparse.training import TokenWindowDataset
+from peft_sparse.training import TokenWindowDataset, kl_distill_sum
 from peft_sparse.training.config import SRSTE_PLACEMENTS
 
 C4 = "/work/shared/data/c4/c4-train.00000-of-01024.first1000.jsonl"
@@ -226,7 +226,7 @@ class StepTimer(TrainerCallback):
         self.durations.append(time.perf_counter() - self.began)
 
 
-def time_trainer(dense, dataset, args, sparse: bool, teacher=None) -> tuple[float, float]:
+def time_trainer(dense, dataset, args, sparse: bool, teacher=None, **settings) -> tuple[float, float]:
     """Median seconds per optimizer step (the first step is a warm-up and not counted), and the peak memory (MiB)
     above the resident level at the start of training (model and optimizer state excluded, activations included)."""
     timer = StepTimer()
@@ -234,26 +234,38 @@ def time_trainer(dense, dataset, args, sparse: bool, teacher=None) -> tuple[floa
     steps = args.timing_steps + 1
     with tempfile.TemporaryDirectory() as tmp:
         if sparse:
-            settings = sparse_arguments(tmp, args, max_steps=steps)
-            trainer = SparseTrainer(model=model, args=settings, teacher=teacher, train_dataset=dataset,
+            trainer = SparseTrainer(model=model, args=sparse_arguments(tmp, args, max_steps=steps, **settings),
+                                    teacher=teacher, train_dataset=dataset,
                                     callbacks=[timer])
         else:
-            settings = TrainingArguments(**{**plain_settings(tmp, args), "max_steps": steps})
-            trainer = Trainer(model=model, args=settings, train_dataset=dataset, callbacks=[timer])
+            plain = TrainingArguments(**{**plain_settings(tmp, args), "max_steps": steps})
+            trainer = Trainer(model=model, args=plain, train_dataset=dataset, callbacks=[timer])
         trainer.train()
     return statistics.median(timer.durations[1:]), (timer.peak - timer.baseline) / 2**20
 
 
+def teacher_precision_gap(dense, dataset, args) -> float:
+    """Mean per-token ``T²·KL(fp32 teacher ‖ bf16 teacher)`` at T = 2 on one batch: what a bf16 teacher changes."""
+    ids = torch.stack([dataset[i]["input_ids"] for i in range(args.batch)])
+    with torch.inference_mode():
+        exact = dense(input_ids=ids).logits
+        rounded = copy.deepcopy(dense).to(torch.bfloat16)(input_ids=ids).logits
+    return float(kl_distill_sum(rounded.flatten(0, 1), exact.flatten(0, 1), 2.0)) / ids.numel()
+
+
 def step_times(dense, dataset, args) -> dict:
-    """The three trainers back to back in this process (on a shared machine, compare ratios, not seconds)."""
-    (plain, plain_mib), (srste, srste_mib), (with_teacher, teacher_mib) = (
+    """The trainers back to back in this process (on a shared machine, compare ratios, not seconds)."""
+    (plain, plain_mib), (srste, srste_mib), (with_teacher, teacher_mib), (bf16_teacher, bf16_mib) = (
         time_trainer(dense, dataset, args, sparse=False),
         time_trainer(dense, dataset, args, sparse=True),
         time_trainer(dense, dataset, args, sparse=True, teacher=dense),
+        time_trainer(dense, dataset, args, sparse=True, teacher=dense, teacher_dtype="bfloat16"),
     )
-    return dict(plain_s=plain, sparse_s=srste, sparse_teacher_s=with_teacher, ratio_no_teacher=srste / plain,
-                ratio_with_teacher=with_teacher / plain, peak_mib_plain=plain_mib, peak_mib_sparse=srste_mib,
-                peak_mib_sparse_teacher=teacher_mib)
+    return dict(plain_s=plain, sparse_s=srste, sparse_teacher_s=with_teacher, sparse_bf16_teacher_s=bf16_teacher,
+                ratio_no_teacher=srste / plain, ratio_with_teacher=with_teacher / plain,
+                ratio_with_bf16_teacher=bf16_teacher / plain, peak_mib_plain=plain_mib, peak_mib_sparse=srste_mib,
+                peak_mib_sparse_teacher=teacher_mib, peak_mib_sparse_bf16_teacher=bf16_mib,
+                bf16_teacher_kl_per_token=teacher_precision_gap(dense, dataset, args))
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from ..tuners.slorb.config import SLORB_INITS
 MASK_INITS = ("magnitude", "pruned")
 PRUNED_VALUES = ("zero", "teacher")
 SRSTE_PLACEMENTS = ("gradient", "step", "update")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -47,6 +48,9 @@ class SparseArgumentsMixin:
             ``"update"`` harder still (``bench/srste_pull.py`` measures the conversion).
         distill_alpha / distill_temperature: loss = CE + alpha * T^2 * KL(teacher || student) at temperature T.
             Only used when a teacher is given to :class:`SparseTrainer`.
+        teacher_dtype: run the teacher in this dtype (``None``: as given). ``"bfloat16"`` makes its forward about
+            3x cheaper where bf16 matrix units exist (AMX CPUs, GPUs), at the cost of bf16-rounded teacher logits
+            (the KL itself is computed in fp32).
         frozen_mask: Wanda-style baseline: the step-0 mask is fixed, pruned weights are zeroed and only kept weights
             train (no mask updates, no decay).
         mask_init: ``"magnitude"`` (paper) or ``"pruned"``: keep the mask of a model already pruned with
@@ -75,6 +79,9 @@ class SparseArgumentsMixin:
     srste_placement: str = field(default="step", metadata={"help": f"One of {SRSTE_PLACEMENTS}."})
     distill_alpha: float = field(default=2.0, metadata={"help": "Weight of the KL distillation term."})
     distill_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})
+    teacher_dtype: str | None = field(
+        default=None, metadata={"help": f"Teacher dtype, one of {TEACHER_DTYPES} (default: as given)."}
+    )
     frozen_mask: bool = field(default=False, metadata={"help": "Fix the step-0 mask and train kept weights only."})
     mask_init: str = field(default="magnitude", metadata={"help": f"Initial mask, one of {MASK_INITS}."})
     pruned_values: str = field(default="zero", metadata={"help": f"Restart values of pruned weights {PRUNED_VALUES}."})
@@ -97,6 +104,8 @@ class SparseArgumentsMixin:
         _check_choice("mask_init", self.mask_init, MASK_INITS)
         _check_choice("pruned_values", self.pruned_values, PRUNED_VALUES)
         _check_choice("srste_placement", self.srste_placement, SRSTE_PLACEMENTS)
+        if self.teacher_dtype is not None:
+            _check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
         if not isinstance(self.mask_update_interval, int) or self.mask_update_interval < 1:
             raise SparseConfigError(
                 f"mask_update_interval must be a positive integer, got {self.mask_update_interval!r}."

@@ -96,7 +96,7 @@ class SparseTrainingMixin:
     def __init__(self, model: nn.Module | None = None, args: SparseArgumentsMixin | None = None, *,
                  teacher: nn.Module | str | None = None, **kwargs):
         _check_inputs(type(self).__name__, model, args, teacher, kwargs)
-        self.teacher = _prepare_teacher(teacher, model, args.device)
+        self.teacher = _prepare_teacher(teacher, model, args)
         self.sparse_layers = _attach_sparse_layers(model, args, self.teacher)
         if args.slorb_k is not None:  # before zeroing: the mean init reads the pruned weights
             model = _add_slorb(model, self.sparse_layers, args)
@@ -327,12 +327,17 @@ def _capture_student(model: nn.Module):
             handle.remove()
 
 
-def _prepare_teacher(teacher: nn.Module | str | None, student: nn.Module, device) -> nn.Module | None:
+def _prepare_teacher(teacher: nn.Module | str | None, student: nn.Module, args) -> nn.Module | None:
+    """The frozen teacher on the training device, in ``args.teacher_dtype`` (a converted copy: the caller's model
+    keeps its dtype)."""
     if teacher is None:
         return None
+    dtype = getattr(torch, args.teacher_dtype) if args.teacher_dtype else None
     if isinstance(teacher, (str, os.PathLike)):
-        teacher = AutoModelForCausalLM.from_pretrained(teacher, dtype=student.dtype)
-    return teacher.requires_grad_(False).eval().to(device)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype or student.dtype)
+    elif dtype is not None and teacher.dtype != dtype:
+        teacher = copy.deepcopy(teacher).to(dtype)
+    return teacher.requires_grad_(False).eval().to(args.device)
 
 
 def _attach_sparse_layers(model: nn.Module, args: SparseArgumentsMixin, teacher) -> dict[str, nn.Module]:
