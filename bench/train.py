@@ -10,8 +10,9 @@ Protocol (WikiText-2 test, 512-token windows, first ``--eval-windows`` windows, 
 * a run is named ``START:MODE[:PLACEMENT[:LAMBDA]]``: MODE ``frozen`` (the start's mask fixed, kept weights train),
   ``naive`` (AST-Naive: dynamic masks, annealed SR-STE at PLACEMENT, λ = LAMBDA or ``--srste-decay``) or ``boosted``
   (the same + SLoRB k=16, mean init);
-* step time of SparseTrainer vs a plain Trainer on the same model and batch, with and without the teacher
-  (``--timing-steps``);
+* step time of SparseTrainer vs a plain Trainer on the same model and batch, without the teacher, with the fp32
+  teacher and with a bf16 teacher (``teacher_dtype``), back to back in one process (``--timing-steps``), and with
+  ``--peak-memory`` each trainer's peak resident memory, each in a fresh process;
 * with ``--flip-steps N``: flip-rate telemetry, AST-Naive from both starts for N steps of one sequence each (C4
   sampling seed 2, no evaluation), so the plot has a point every ``--mask-update-interval`` steps.
 
@@ -29,10 +30,11 @@ import argparse
 import copy
 import json
 import logging
-import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--flip-steps", type=int, default=0, help="steps of the flip-rate telemetry runs (0: skip)")
     parser.add_argument("--timing-steps", type=int, default=3, help="timed steps per trainer after 1 warm-up (0: skip)")
+    parser.add_argument("--peak-memory", action="store_true",
+                        help="also the peak memory of each timed trainer, each in a fresh process")
+    parser.add_argument("--measure-trainer", choices=sorted(TRAINERS), help=argparse.SUPPRESS)  # one, then exit
     parser.add_argument("--skip-dense-eval", action="store_true")
     parser.add_argument("--cache-dir", type=Path, help="keep/reuse the one-shot starting points here")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
@@ -192,32 +197,9 @@ def flip_telemetry(starts: dict, dense, tokenizer, args) -> dict:
     }
 
 
-def resident_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc``)."""
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 class StepTimer(TrainerCallback):
-    """Seconds per optimizer step, and the peak resident memory above the level before the first step."""
-
     def __init__(self):
         self.durations: list[float] = []
-        self.peak = self.baseline = 0
-        self._sampling = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._sampling.wait(0.005):
-            self.peak = max(self.peak, resident_bytes())
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.baseline = self.peak = resident_bytes()
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._sampling.set()
-        self._sampler.join()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.began = time.perf_counter()
@@ -226,9 +208,19 @@ class StepTimer(TrainerCallback):
         self.durations.append(time.perf_counter() - self.began)
 
 
-def time_trainer(dense, dataset, args, sparse: bool, teacher=None, **settings) -> tuple[float, float]:
-    """Median seconds per optimizer step (the first step is a warm-up and not counted), and the peak memory (MiB)
-    above the resident level at the start of training (model and optimizer state excluded, activations included)."""
+# The timed trainers: (SparseTrainer?, with the dense teacher?, SparseTrainingArguments overrides).
+TRAINERS = {
+    "plain": (False, False, {}),
+    "sparse": (True, False, {}),
+    "sparse_teacher": (True, True, {}),
+    "sparse_bf16_teacher": (True, True, {"teacher_dtype": "bfloat16"}),
+}
+
+
+def time_trainer(name: str, dense, dataset, args) -> float:
+    """Median seconds per optimizer step of trainer ``name`` (the first step is a warm-up and not counted)."""
+    sparse, with_teacher, settings = TRAINERS[name]
+    teacher = dense if with_teacher else None
     timer = StepTimer()
     model = trainable_copy(dense)
     steps = args.timing_steps + 1
@@ -241,7 +233,7 @@ def time_trainer(dense, dataset, args, sparse: bool, teacher=None, **settings) -
             plain = TrainingArguments(**{**plain_settings(tmp, args), "max_steps": steps})
             trainer = Trainer(model=model, args=plain, train_dataset=dataset, callbacks=[timer])
         trainer.train()
-    return statistics.median(timer.durations[1:]), (timer.peak - timer.baseline) / 2**20
+    return statistics.median(timer.durations[1:])
 
 
 def teacher_precision_gap(dense, dataset, args) -> float:
@@ -255,17 +247,21 @@ def teacher_precision_gap(dense, dataset, args) -> float:
 
 def step_times(dense, dataset, args) -> dict:
     """The trainers back to back in this process (on a shared machine, compare ratios, not seconds)."""
-    (plain, plain_mib), (srste, srste_mib), (with_teacher, teacher_mib), (bf16_teacher, bf16_mib) = (
-        time_trainer(dense, dataset, args, sparse=False),
-        time_trainer(dense, dataset, args, sparse=True),
-        time_trainer(dense, dataset, args, sparse=True, teacher=dense),
-        time_trainer(dense, dataset, args, sparse=True, teacher=dense, teacher_dtype="bfloat16"),
-    )
-    return dict(plain_s=plain, sparse_s=srste, sparse_teacher_s=with_teacher, sparse_bf16_teacher_s=bf16_teacher,
-                ratio_no_teacher=srste / plain, ratio_with_teacher=with_teacher / plain,
-                ratio_with_bf16_teacher=bf16_teacher / plain, peak_mib_plain=plain_mib, peak_mib_sparse=srste_mib,
-                peak_mib_sparse_teacher=teacher_mib, peak_mib_sparse_bf16_teacher=bf16_mib,
-                bf16_teacher_kl_per_token=teacher_precision_gap(dense, dataset, args))
+    seconds = {name: time_trainer(name, dense, dataset, args) for name in TRAINERS}
+    ratios = {f"ratio_{name}": value / seconds["plain"] for name, value in seconds.items() if name != "plain"}
+    return dict(seconds=seconds, **ratios, bf16_teacher_kl_per_token=teacher_precision_gap(dense, dataset, args))
+
+
+def peak_memory(args) -> dict[str, float]:
+    """Peak resident memory (MiB) of each timed trainer, each in a fresh process (model + data + 2 steps)."""
+    peaks = {}
+    for name in TRAINERS:
+        command = [sys.executable, __file__, "--measure-trainer", name, "--timing-steps", "1", "--steps", "2",
+                   "--batch", str(args.batch), "--seqlen", str(args.seqlen), "--skip-dense-eval"]
+        command += ["--threads", str(args.threads)] if args.threads else []
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        peaks[name] = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    return peaks
 
 
 def main() -> None:
@@ -278,12 +274,19 @@ def main() -> None:
     dense.eval().requires_grad_(False)
     windows = load_calibration(C4, tokenizer, nsamples=args.steps * args.batch, seqlen=args.seqlen, seed=1)
     dataset = TokenWindowDataset(windows)
+    if args.measure_trainer:  # a child of --peak-memory: this process's peak is the answer
+        time_trainer(args.measure_trainer, dense, dataset, args)
+        print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
     results: dict = dict(config={k: str(v) for k, v in vars(args).items()}, tokens=windows.numel())
     if not args.skip_dense_eval:
         results["dense_ppl"] = evaluate(dense, tokenizer, args)
     if args.timing_steps:
         results["step_time"] = step_times(dense, dataset, args)
         logger.info("step time: %s", results["step_time"])
+    if args.peak_memory:
+        results["peak_rss_mib"] = peak_memory(args)
+        logger.info("peak memory: %s", results["peak_rss_mib"])
     needed = {run.start for run in args.runs.values()} | ({"sparsegpt"} if args.flip_steps else set())
     starts = {"magnitude": dense}  # the paper's start: dense weights, magnitude mask taken by the trainer
     for method in sorted(needed):

@@ -65,7 +65,7 @@ def test_annealing_schedule_values():
     "bad",
     [dict(pattern="2:x"), dict(mask_update_interval=0), dict(srste_decay=-1.0),
      dict(srste_placement="adam"), dict(mask_init="wanda"), dict(distill_temperature=0.0),
-     dict(pruned_values="teacher")],
+     dict(pruned_values="teacher"), dict(teacher_dtype="int8")],
 )
 def test_bad_arguments_fail_early(tmp_path, bad):
     with pytest.raises(ValueError):
@@ -288,6 +288,19 @@ def test_distillation_term_is_zero_when_student_equals_teacher(tmp_path):
     assert trainer.teacher.training is False and not any(p.requires_grad for p in teacher.parameters())
     trainer.teacher = tiny_llama(seed=1).eval()
     assert trainer.compute_loss(trainer.model, dict(batch)).item() > losses[0] + 1e-3
+
+
+def test_teacher_dtype_runs_a_converted_copy_and_keeps_the_loss_close(tmp_path):
+    teacher = tiny_llama(seed=1)
+    batch = {"input_ids": TokenDataset().ids[:4], "labels": TokenDataset().ids[:4]}
+    losses = {}
+    for dtype in (None, "bfloat16"):
+        trainer = SparseTrainer(model=tiny_llama(), args=make_args(tmp_path, teacher_dtype=dtype), teacher=teacher)
+        losses[dtype] = trainer.compute_loss(trainer.model, dict(batch))
+        losses[dtype].backward()
+    assert trainer.teacher.dtype == torch.bfloat16 and teacher.dtype == torch.float32  # the caller's model untouched
+    assert losses["bfloat16"].item() != losses[None].item()
+    assert losses["bfloat16"].item() == pytest.approx(losses[None].item(), rel=1e-2)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
