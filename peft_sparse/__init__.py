@@ -1,8 +1,9 @@
 """peft_sparse: HuggingFace-native N:M sparsity.
 
-Importing the package registers the "SPP" and "SLORB" PEFT types with peft (the only import-time side effect, so
-the tuners load eagerly). Everything else (the trainers, pruning, data, evaluation, model loading) loads on first
-use, so ``import peft_sparse`` and ``peft-sparse --help`` do not pay for ``transformers.Trainer``, datasets or trl.
+Importing the package registers the "SPP" and "SLORB" PEFT types with peft and the "peft_sparse" quantization
+method with transformers (import-time side effects, so the tuners and the export layer load eagerly). Everything
+else (the trainers, pruning, data, evaluation, model loading) loads on first use, so ``import peft_sparse`` and
+``peft-sparse --help`` do not pay for ``transformers.Trainer``, datasets or trl.
 """
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ from __future__ import annotations
 import importlib
 
 from .config import SparsityConfig
+from .export import (  # registers quant_method "peft_sparse" with transformers
+    Perplexity,
+    SparsityHfQuantizer,
+    model_card,
+    push_to_hub,
+    save_pretrained,
+    to_semi_structured,
+)
 from .prune import prune  # eager: the submodule of the same name would otherwise shadow the function
 from .sparsity import SparsityPattern
 from .tuners import SLoRBConfig, SLoRBModel, SPPConfig, SPPModel, get_slorb_model
@@ -45,6 +54,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "SLoRBConfig", "SLoRBModel", "SPPConfig", "SPPModel", "SparsityConfig", "SparsityPattern", "__version__",
-    "get_slorb_model", "prune", *_LAZY,
+    "Perplexity", "SLoRBConfig", "SLoRBModel", "SPPConfig", "SPPModel", "SparsityConfig", "SparsityHfQuantizer",
+    "SparsityPattern", "__version__", "get_slorb_model", "model_card", "prune", "push_to_hub", "save_pretrained",
+    "to_semi_structured", *_LAZY,
 ]

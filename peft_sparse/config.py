@@ -1,4 +1,4 @@
-"""User-facing configuration of one-shot pruning."""
+"""User-facing configuration of one-shot pruning, which is also the ``quantization_config`` of a packed checkpoint."""
 
 from __future__ import annotations
 
@@ -6,16 +6,33 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
 from .pruning.registry import get_pruner
 from .sparsity import SparsityPattern
+from .sparsity.packing import check_codec, default_codec
 from .sparsity.patterns import SCOPES
 
 DEFAULT_PATTERN = "2:4"
+QUANT_METHOD = "peft_sparse"  # the name in config.json, and the pip package a reader needs
+FORMAT_VERSION = 1  # of the packed layout (FORMAT.md); a newer one is refused with "upgrade peft_sparse"
+FORMATS = ("packed", "dense")
+# How the sparsity was obtained: kept for provenance, never needed to load, so from_dict takes unknown values.
+RECIPE_FIELDS = ("method", "method_options", "nsamples", "seqlen", "seed")
 
 
 @dataclass
-class SparsityConfig:
+class SparsityConfig(QuantizationConfigMixin):
     """What to prune and how; validated at construction so bad input fails before any work is done.
+
+    It is also the ``quantization_config`` that transformers stores in a packed checkpoint's ``config.json`` and
+    hands to peft_sparse's quantizer on load (``quant_method="peft_sparse"``). Its fields come in two groups:
+
+    * *structure* (what a loader needs): ``pattern`` / ``sparsity``, ``targets`` / ``ignore`` and ``modules`` (the
+      resolved sparse modules), ``format``, ``codec``, ``format_version``;
+    * *recipe / provenance* (``RECIPE_FIELDS``, plus ``provenance``): how the sparsity was made. ``from_dict``
+      accepts recipe values this version does not know (a newer method), and keys it does not know go to
+      ``provenance``; a config built in code still rejects typos.
 
     Args:
         method: registered pruner name (``"magnitude"``, ``"wanda"``, ``"sparsegpt"``).
@@ -27,6 +44,12 @@ class SparsityConfig:
         ignore: regular expressions of module names to leave dense.
         nsamples / seqlen / seed: calibration windows (count, tokens each, sampling seed).
         method_options: options of the chosen method, e.g. ``{"blocksize": 128, "percdamp": 0.01}`` for SparseGPT.
+        format: how ``peft_sparse.save_pretrained`` writes it: ``"packed"`` (values + positions, N:M only) or
+            ``"dense"`` (exact zeros); ``None`` = packed for N:M, dense for unstructured.
+        codec: packed position code, ``"b6x3"`` (2:4) or ``"bitmask"`` (any N:M); ``None`` = the smallest.
+        modules: the sparse module names, filled in when a model is saved or pruned on load.
+        format_version: version of the packed layout.
+        provenance: free-form record (calibration source, base model, keys a newer version wrote).
     """
 
     method: str = "wanda"
@@ -39,8 +62,20 @@ class SparsityConfig:
     seqlen: int = 2048
     seed: int = 0
     method_options: dict[str, Any] = field(default_factory=dict)
+    format: str | None = None
+    codec: str | None = None
+    modules: list[str] | None = None
+    format_version: int = FORMAT_VERSION
+    provenance: dict[str, Any] = field(default_factory=dict)
+    quant_method: str = QUANT_METHOD
 
     def __post_init__(self) -> None:
+        self._check_structure()
+        self._check_recipe()
+
+    def _check_structure(self) -> None:
+        if self.quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}.")
         if self.pattern is not None and self.sparsity is not None:
             raise ValueError(
                 f"Give either pattern={self.pattern!r} (N:M) or sparsity={self.sparsity} (unstructured), not both."
@@ -53,15 +88,30 @@ class SparsityConfig:
             )
         if self.sparsity_scope not in SCOPES:
             raise ValueError(f"sparsity_scope must be one of {SCOPES}, got {self.sparsity_scope!r}.")
-        self.sparsity_pattern  # validates numbers
+        pattern = self.sparsity_pattern  # validates numbers
+        if isinstance(self.targets, str) or isinstance(self.ignore, str):
+            raise TypeError("targets and ignore are lists of regular expressions, not single strings.")
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"Unknown format {self.format!r}; choose one of {FORMATS}.")
+        if self.format == "packed" and not pattern.is_nm:
+            raise ValueError(f"The packed format stores N:M patterns only, not {pattern}; use format='dense'.")
+        if self.codec is not None:
+            if not pattern.is_nm:
+                raise ValueError("codec applies to the packed N:M format; leave it None for unstructured sparsity.")
+            check_codec(self.codec, pattern.n, pattern.m)
+        if isinstance(self.format_version, bool) or not isinstance(self.format_version, int) or self.format_version < 1:
+            raise ValueError(f"format_version must be a positive integer, got {self.format_version!r}.")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(f"This checkpoint uses peft_sparse format v{self.format_version}, newer than this "
+                             f"version's v{FORMAT_VERSION}: pip install -U peft_sparse.")
+
+    def _check_recipe(self) -> None:
         for name in ("nsamples", "seqlen", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
                 raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
                                  f"got {value!r}.")
-        if isinstance(self.targets, str) or isinstance(self.ignore, str):
-            raise TypeError("targets and ignore are lists of regular expressions, not single strings.")
-        self.options  # validates method name and method_options
+        self.options  # noqa: B018  (validates method name and method_options)
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
@@ -85,13 +135,34 @@ class SparsityConfig:
             check_pattern(self.sparsity_pattern)
         return options
 
+    @property
+    def resolved_format(self) -> str:
+        return self.format or ("packed" if self.sparsity_pattern.is_nm else "dense")
+
+    @property
+    def resolved_codec(self) -> str | None:
+        pattern = self.sparsity_pattern
+        return (self.codec or default_codec(pattern.n, pattern.m)) if pattern.is_nm else None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SparsityConfig:
+    def from_dict(cls, data: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Read a saved config (``config.json``, a prune report): the structure is checked strictly, the recipe
+        is kept as written (a newer peft_sparse may know methods or options this one does not), and unknown keys go
+        to ``provenance``. ``return_unused_kwargs`` / ``kwargs`` follow transformers' ``QuantizationConfigMixin``."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown SparsityConfig key(s) {unknown}; valid keys: {sorted(known)}.")
-        return cls(**data)
+        data = dict(data)
+        recipe = {key: data.pop(key) for key in RECIPE_FIELDS if key in data}
+        extra = {key: data.pop(key) for key in sorted(set(data) - known)}
+        if extra:
+            data["provenance"] = {**data.get("provenance", {}), **extra}
+        config = cls(**data, method="magnitude")  # structure validated; magnitude has no options to check
+        for key, value in recipe.items():
+            object.__setattr__(config, key, value)
+        unused = config.update(**kwargs)
+        return (config, unused) if return_unused_kwargs else config

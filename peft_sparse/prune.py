@@ -70,4 +70,6 @@ def prune(
     """
     plan = engine.plan(model, config.sparsity_pattern, config.targets, config.ignore)
     ids = resolve_calibration(model, config, calibration, tokenizer)
-    return engine.run(model, config, plan, ids)
+    report = engine.run(model, config, plan, ids)
+    model.peft_sparse_config = config  # what peft_sparse.save_pretrained(model, ...) writes
+    return report

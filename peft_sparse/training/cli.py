@@ -39,6 +39,11 @@ class TrainModelArguments:
         metadata={"help": "One-shot prune first (calibrated on the training windows) and keep its mask as the start; "
                           "default: the dense weights with their magnitude mask."},
     )
+    save_format: Literal["dense", "packed"] = field(
+        default="dense",
+        metadata={"help": "dense: exact zeros, loads in any transformers; packed: N:M values + positions "
+                          "(peft_sparse.export)."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 

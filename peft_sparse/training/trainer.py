@@ -32,7 +32,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..config import SparsityConfig
 from ..errors import InputNotFoundError, SparseConfigError, SparseStateError
+from ..export.formats import detach_quantizer, save_pretrained
 from ..modeling import out_in, select_sparse_modules
 from ..sparsity import nm_violations
 from .config import SparseArgumentsMixin
@@ -96,6 +98,7 @@ class SparseTrainingMixin:
     def __init__(self, model: nn.Module | None = None, args: SparseArgumentsMixin | None = None, *,
                  teacher: nn.Module | str | None = None, **kwargs):
         _check_inputs(type(self).__name__, model, args, teacher, kwargs)
+        detach_quantizer(model)  # a packed-loaded model trains as a plain one; finalize saves it packed again
         self.teacher = _prepare_teacher(teacher, model, args)
         self.sparse_layers = _attach_sparse_layers(model, args, self.teacher)
         if args.slorb_k is not None:  # before zeroing: the mean init reads the pruned weights
@@ -274,24 +277,49 @@ class SparseTrainingMixin:
 
     # ---- export ----
 
-    def finalize(self, output_dir: str | None = None) -> None:
+    def finalize(self, output_dir: str | None = None, save_format: str = "dense") -> None:
         """Hard-prune every sparse layer to its current mask and restore plain modules; save if ``output_dir``.
 
         This ends sparse training (the trainer refuses to train afterwards). The weights are then exactly N:M in
         ordinary transformers modules, so the saved checkpoint loads without peft_sparse. With SLoRB (AST-Boosted)
         ``output_dir`` gets the N:M base model and ``output_dir/slorb`` the adapter
         (``PeftModel.from_pretrained(base, output_dir + "/slorb")`` after ``import peft_sparse``).
+        ``save_format`` is a ``peft_sparse.export.FORMATS`` name: ``"dense"`` (exact zeros) or ``"packed"``.
         """
         finalize_sparse_layers(self.model_wrapped, self.sparse_layers, self.args.sparsity_pattern)
         self.sparse_layers = {}
         if output_dir is None:
             return
         model = self.accelerator.unwrap_model(self.model)
+        base = copy.deepcopy(model).unload() if isinstance(model, PeftModel) else model
+        save_pretrained(base, output_dir, save_format, config=self.sparsity_config)  # atomic: replaces output_dir
+        self.model_card(save_format).save(os.path.join(output_dir, "README.md"))
         if isinstance(model, PeftModel):
             model.save_pretrained(os.path.join(output_dir, "slorb"))
-            copy.deepcopy(model).unload().save_pretrained(output_dir)
-        else:
-            self.save_model(output_dir)
+
+    @property
+    def sparsity_config(self) -> SparsityConfig:
+        """The structure this run trains to, as the config its checkpoints carry (method ``"sparse_trainer"``)."""
+        pattern = self.args.sparsity_pattern
+        shape = {"pattern": self.args.pattern} if pattern.is_nm else {"sparsity": pattern.sparsity}
+        return SparsityConfig.from_dict({**shape, "method": "sparse_trainer", "targets": self.args.targets,
+                                         "ignore": list(self.args.ignore)})
+
+    def model_card(self, save_format: str = "dense", tags: list[str] | None = None):
+        """The peft_sparse ``ModelCard`` of this run (sparsity block, per-layer sparsity, how to load)."""
+        from ..export.card import model_card
+
+        model = self.accelerator.unwrap_model(self.model)
+        model = model.get_base_model() if isinstance(model, PeftModel) else model
+        config = self.sparsity_config
+        config.modules = list(select_sparse_modules(model, config.targets, config.ignore))
+        return model_card(model, config, save_format, tags=["sparse-retraining", *(tags or [])])
+
+    def create_model_card(self, tags: str | list[str] | None = None, **kwargs) -> None:
+        """Replace transformers' generic card, so ``trainer.push_to_hub()`` uploads the peft_sparse one."""
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        tags = [tags] if isinstance(tags, str) else tags
+        self.model_card(tags=tags).save(os.path.join(self.args.output_dir, "README.md"))
 
 
 class SparseTrainer(SparseTrainingMixin, Trainer):

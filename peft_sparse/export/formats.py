@@ -1,0 +1,154 @@
+"""The on-disk formats of a sparse model and ``save_pretrained(model, directory, format)``.
+
+* ``dense``: exact zeros in a plain transformers checkpoint with **no** ``quantization_config`` (loaders that do not
+  know ``peft_sparse`` would warn or refuse); the sparsity config goes to ``sparsity_config.json`` instead. Any
+  transformers loads it.
+* ``packed``: ``quantization_config`` in ``config.json`` and, per sparse module, the kept values under
+  ``<module>.weight`` plus ``<module>.weight_meta`` (``FORMAT.md``). Loading needs ``import peft_sparse``; without it
+  transformers fails on the size mismatch instead of initialising random weights.
+
+Saving is atomic: the checkpoint is written to a temporary sibling directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..config import SparsityConfig
+from ..modeling import select_sparse_modules
+from .modules import side_tensor_names
+from .quantizer import SparsityHfQuantizer
+
+SIDE_FILE = "sparsity_config.json"
+_QUANT_ATTRS = ("hf_quantizer", "is_quantized", "quantization_method")
+
+
+@dataclass(frozen=True)
+class SaveFormat:
+    name: str
+    summary: str
+    save: Callable[[nn.Module, Path, SparsityConfig, dict[str, Any]], None]
+
+
+def sparsity_config_of(model: nn.Module) -> SparsityConfig | None:
+    """The SparsityConfig a model carries: from a packed load or prune-on-load, or recorded by ``prune``."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(config, SparsityConfig):
+        return config
+    return getattr(model, "peft_sparse_config", None)
+
+
+@contextlib.contextmanager
+def _quantizer_state(model: nn.Module, quantizer: SparsityHfQuantizer | None) -> Iterator[None]:
+    """Temporarily attach ``quantizer`` (or detach any) so ``save_pretrained`` writes one format; then restore."""
+    saved = {attr: model.__dict__[attr] for attr in _QUANT_ATTRS if attr in model.__dict__}
+    had_config = hasattr(model.config, "quantization_config")
+    saved_config = getattr(model.config, "quantization_config", None)
+    for attr in _QUANT_ATTRS:
+        model.__dict__.pop(attr, None)
+    if had_config:
+        del model.config.quantization_config
+    try:
+        if quantizer is not None:
+            quantizer.attach(model)
+        yield
+    finally:
+        for attr in _QUANT_ATTRS:
+            model.__dict__.pop(attr, None)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.__dict__.update(saved)
+        if had_config:
+            model.config.quantization_config = saved_config
+
+
+def detach_quantizer(model: nn.Module) -> None:
+    """Turn a packed-loaded model into a plain one in memory (what ``dequantize()`` does, for any wrapper)."""
+    for attr in _QUANT_ATTRS:
+        model.__dict__.pop(attr, None)
+    if isinstance(getattr(model.config, "quantization_config", None), SparsityConfig):
+        del model.config.quantization_config
+
+
+def resolve_for_save(model: nn.Module, config: SparsityConfig, format: str) -> SparsityConfig:
+    """A copy of ``config`` naming the format, codec and the model's sparse modules (checked before writing)."""
+    resolved = copy.copy(config)
+    resolved.provenance = dict(config.provenance)
+    resolved.format = format
+    resolved.codec = config.resolved_codec if format == "packed" else config.codec
+    if resolved.modules is None:
+        resolved.modules = list(select_sparse_modules(model, config.targets, config.ignore))
+    missing = [name for name in resolved.modules if not isinstance(getattr(model.get_submodule(name), "weight", None),
+                                                                   nn.Parameter)]
+    if missing:
+        raise ValueError(f"Sparse modules {missing[:3]} of the config have no weight in this model; is it the "
+                         "model the config was made for?")
+    return resolved
+
+
+def _save_packed(model: nn.Module, directory: Path, config: SparsityConfig, kwargs: dict[str, Any]) -> None:
+    with _quantizer_state(model, SparsityHfQuantizer(config, pre_quantized=True)):
+        model.save_pretrained(directory, **kwargs)
+
+
+def _save_dense(model: nn.Module, directory: Path, config: SparsityConfig, kwargs: dict[str, Any]) -> None:
+    carriers = side_tensor_names(model)
+    if carriers:
+        raise ValueError(f"{carriers[0]} carries a SLoRB side weight, which a plain dense checkpoint would silently "
+                         "drop; save with format='packed' (or merge it into a dense weight first).")
+    from ..cli import _write_json
+
+    with _quantizer_state(model, None):
+        model.save_pretrained(directory, **kwargs)
+    _write_json(directory / SIDE_FILE, config.to_dict())
+
+
+FORMATS: dict[str, SaveFormat] = {
+    "dense": SaveFormat("dense", "plain transformers checkpoint with exact zeros; loads anywhere", _save_dense),
+    "packed": SaveFormat("packed", "kept values + positions (N:M only); needs import peft_sparse", _save_packed),
+}
+
+
+def get_format(name: str) -> SaveFormat:
+    if name not in FORMATS:
+        raise ValueError(f"Unknown save format {name!r}; choose one of {sorted(FORMATS)}.")
+    return FORMATS[name]
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, format: str | None = None,
+                    config: SparsityConfig | None = None, tokenizer: Any = None, overwrite: bool = True,
+                    **save_kwargs: Any) -> Path:
+    """Save a sparse ``model`` to ``directory`` in ``format`` (default: the config's, packed for N:M).
+
+    Args:
+        config: the model's SparsityConfig; default the one it carries (packed load, prune-on-load, ``prune``).
+        tokenizer: saved alongside when given.
+        overwrite: replace a non-empty ``directory`` (else refuse).
+        save_kwargs: passed to ``model.save_pretrained`` (``max_shard_size``, ...).
+
+    Everything is checked and packed into a temporary sibling first; ``directory`` appears only when complete.
+    """
+    from ..cli import _check_output, atomic_directory
+
+    config = config or sparsity_config_of(model)
+    if config is None:
+        raise ValueError("This model carries no SparsityConfig: pass config=SparsityConfig(pattern=...) describing "
+                         "its sparsity (peft_sparse.prune records it on the model).")
+    fmt = get_format(format or config.resolved_format)
+    if fmt.name == "packed" and not config.sparsity_pattern.is_nm:
+        raise ValueError(f"The packed format stores N:M patterns only, not {config.sparsity_pattern}; use "
+                         "format='dense'.")
+    resolved = resolve_for_save(model, config, fmt.name)
+    target = _check_output(str(directory), overwrite)
+    with atomic_directory(target) as staging:
+        fmt.save(model, staging, resolved, save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return target

@@ -1,0 +1,215 @@
+"""``SparsityHfQuantizer``: the transformers plugin that reads and writes the packed N:M format.
+
+Registered with ``SparsityConfig`` under ``quant_method="peft_sparse"`` on ``import peft_sparse``, it lets
+``from_pretrained`` / ``save_pretrained`` handle packed checkpoints with no other change:
+
+* load: every ``<module>.weight`` is read together with its ``<module>.weight_meta`` (when there is one) and decoded
+  back to the exact dense weight (``Unpack``); float values are cast to the requested ``dtype``, the uint8
+  metadata never is (``get_new_dtype``). Side tensors saved next to the weights (SLoRB's ``slorb_S``) are
+  registered as buffers of the shapes in the file headers, then filled by the normal loader;
+* save: ``get_state_dict_and_metadata`` packs the sparse modules and refuses a weight that lost its pattern;
+* prune on load: a dense checkpoint with ``quantization_config=SparsityConfig(method="magnitude")`` is pruned tensor
+  by tensor as it is read, exactly like ``peft_sparse.prune``; data-driven methods are refused up front;
+* training: PEFT adapters on a packed model train as usual; full fine-tuning with a plain ``Trainer`` is refused
+  (it would break the pattern) with a pointer to ``SparseTrainer``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps, _IdentityOp
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from ..config import QUANT_METHOD, SparsityConfig
+from ..modeling import out_in, select_sparse_modules, to_storage
+from ..pruning.magnitude import magnitude_prune
+from ..pruning.registry import get_pruner
+from ..sparsity import packing
+from .modules import SIDE_TENSORS, install_side_tensors, side_tensor_specs
+
+META_SUFFIX = "_meta"
+
+
+def _parent(model: nn.Module, param_name: str) -> nn.Module:
+    return model.get_submodule(param_name.rpartition(".")[0])
+
+
+class Unpack(ConversionOps):
+    """``{weight, weight_meta}`` from the checkpoint -> the dense weight; a lone ``weight`` passes through."""
+
+    def __init__(self, hf_quantizer: SparsityHfQuantizer) -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model: nn.Module | None = None,
+                **kwargs: Any) -> dict[str, torch.Tensor]:
+        weight = _single(input_dict["weight"])
+        if "weight" + META_SUFFIX not in input_dict:  # norms, embeddings, dense linears
+            return {"weight": weight}
+        config = self.hf_quantizer.quantization_config
+        pattern = config.sparsity_pattern
+        module = _parent(model, full_layer_name)
+        in_features = out_in(module).shape[1]
+        dense = packing.unpack(weight, _single(input_dict["weight" + META_SUFFIX]), in_features, pattern.n,
+                               pattern.m, config.resolved_codec)
+        return {"weight": to_storage(module, dense).contiguous()}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _IdentityOp()  # save_pretrained gets the packed tensors from get_state_dict_and_metadata
+
+
+class PruneOnLoad(ConversionOps):
+    """Magnitude-prune one target weight as it is read (in float32 on its (out, in) view, as ``prune`` does)."""
+
+    def __init__(self, hf_quantizer: SparsityHfQuantizer) -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model: nn.Module | None = None,
+                **kwargs: Any) -> dict[str, torch.Tensor]:
+        ((key, value),) = input_dict.items()
+        weight = _single(value)
+        module = _parent(model, full_layer_name)
+        view = to_storage(module, weight)  # the transpose is its own inverse: storage -> (out, in)
+        pruned, _ = magnitude_prune(view.float(), self.hf_quantizer.quantization_config.sparsity_pattern)
+        return {key: to_storage(module, pruned.to(weight.dtype)).contiguous()}
+
+
+def _single(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+class SparsityHfQuantizer(HfQuantizer):
+    requires_calibration = False
+    serialized_names: ClassVar[dict[str, list[str]]] = {"weight": ["weight", "weight" + META_SUFFIX]}
+
+    def __init__(self, quantization_config: SparsityConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._targets: set[str] = set(quantization_config.modules or ())
+        self._model: weakref.ReferenceType | None = None
+
+    # ---- loading ----
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if kwargs.get("distributed_config") is not None or kwargs.get("tp_plan") is not None:
+            raise ValueError("Tensor parallelism would slice packed tensors like dense ones; load the packed "
+                             "checkpoint without tp_plan / distributed_config (or export it with format='dense').")
+        if self.pre_quantized:
+            return
+        if get_pruner(config.method).needs_data:
+            raise ValueError(
+                f"Pruning on load supports method='magnitude' only: {config.method!r} needs calibration data. Load "
+                "the dense model, run peft_sparse.prune(model, config, calibration=..., tokenizer=...), then "
+                "peft_sparse.save_pretrained(model, directory)."
+            )
+        if not config.sparsity_pattern.is_nm:
+            raise ValueError("Pruning on load needs an N:M pattern (it saves packed); for unstructured sparsity use "
+                             "peft_sparse.prune and save with format='dense'.")
+        if config.method_options:
+            raise ValueError(f"method_options {sorted(config.method_options)} do not apply to magnitude pruning.")
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> nn.Module:
+        config = self.quantization_config
+        if not self.pre_quantized:
+            selected = select_sparse_modules(model, config.targets, config.ignore)
+            for name, module in selected.items():
+                config.sparsity_pattern.check_width(out_in(module).shape[1], name)
+            self._targets = set(selected)
+            config.modules = list(selected)
+            config.format, config.codec = "packed", config.resolved_codec
+        install_side_tensors(model, side_tensor_specs(checkpoint_files or []), device="meta")
+        return model
+
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        return (not self.pre_quantized and param_name.endswith(".weight")
+                and param_name.rpartition(".")[0] in self._targets)
+
+    def get_quantize_ops(self) -> ConversionOps:
+        return PruneOnLoad(self)
+
+    def get_load_operations(self) -> dict[str, type[ConversionOps]]:
+        return {"deserialize": Unpack, "dequantize": Unpack}
+
+    def get_new_dtype(self, converter: Any, param: Any, dtype: torch.dtype | None) -> torch.dtype | None:
+        """Cast float tensors (packed values included) to the model's dtype; never the uint8 metadata."""
+        get_dtype = getattr(param, "get_dtype", None)
+        is_float = get_dtype().startswith(("F", "BF")) if get_dtype else param.is_floating_point()
+        return dtype if is_float else None
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        self._model = weakref.ref(model)
+        return model
+
+    # ---- saving ----
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        config = self.quantization_config
+        pattern, codec = config.sparsity_pattern, config.resolved_codec
+        state = {}
+        for key, tensor in model.state_dict().items():
+            module_name, _, leaf = key.rpartition(".")
+            if leaf == "weight" and module_name in self._targets:
+                module = model.get_submodule(module_name)
+                state[key], state[key + META_SUFFIX] = packing.pack(to_storage(module, tensor), pattern.n,
+                                                                    pattern.m, codec, name=module_name)
+            else:
+                state[key] = tensor
+        return state, {"peft_sparse_format": f"v{config.format_version} {codec} {pattern}"}
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    # ---- training ----
+    @property
+    def is_trainable(self) -> bool:
+        return True  # PEFT adapters on a packed base
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """Asked by ``Trainer`` only; adapters (peft tuner layers) make it a PEFT run, anything else is refused."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        model = self._model() if self._model is not None else None
+        if model is not None and not any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+            raise ValueError(
+                "This model is N:M sparse in peft_sparse's packed format; full fine-tuning with a plain Trainer "
+                "would break the pattern and its checkpoints could not be saved. Use peft_sparse.SparseTrainer "
+                "(sparse retraining that keeps N:M), or attach adapters (peft_sparse.SPPConfig / SLoRBConfig, LoRA)."
+            )
+        return False
+
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        return model  # the weights are already dense in memory; dequantize() only drops the quantization_config
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Mark an in-memory sparse ``model`` so ``save_pretrained`` writes this quantizer's packed format."""
+        model.config.quantization_config = self.quantization_config
+        model.hf_quantizer = self
+        model.is_quantized = True
+        model.quantization_method = QUANT_METHOD
+        self._model = weakref.ref(model)
+        return model
+
+
+def register() -> None:
+    """Register the config and the quantizer with transformers; a second call (or a module reload) is harmless."""
+    for mapping, decorator, cls in ((AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config, SparsityConfig),
+                                    (AUTO_QUANTIZER_MAPPING, register_quantizer, SparsityHfQuantizer)):
+        current = mapping.get(QUANT_METHOD)
+        if current is None:
+            decorator(QUANT_METHOD)(cls)
+        elif current.__module__ == cls.__module__:
+            mapping[QUANT_METHOD] = cls  # this module reloaded: point at the fresh class
+        else:
+            raise ValueError(f"quant_method {QUANT_METHOD!r} is already registered by {current.__module__}."
+                             f"{current.__qualname__}; two packages claim the same name.")
+
+
+__all__ = ["SIDE_TENSORS", "SparsityHfQuantizer", "register"]

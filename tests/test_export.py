@@ -1,0 +1,279 @@
+"""Packed / dense export: codec round trips, the quantization config, from_pretrained round trips, the no-import guard,
+prune on load, training policy, adapters and SLoRB side weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_VOCAB, _tiny_config, make_tiny_model
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+import peft_sparse
+from peft_sparse import SparsityConfig, prune, save_pretrained
+from peft_sparse.export import register
+from peft_sparse.sparsity import follows_nm, nm_mask, packing
+
+IDS = torch.arange(1, 25).reshape(2, 12)
+
+
+def _nm_tensor(rows, cols, n, m, dtype=torch.float32, seed=0):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return w * nm_mask(w.abs().float(), n, m)
+
+
+@pytest.mark.parametrize("n,m,codec", [(2, 4, "b6x3"), (2, 4, "bitmask"), (1, 4, "bitmask"), (4, 8, "bitmask"),
+                                       (1, 2, "bitmask")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pack_round_trip_is_exact(n, m, codec, dtype):
+    w = _nm_tensor(24, 40 if m != 8 else 48, n, m, dtype)
+    w[3, :m] = 0  # a group with fewer than N nonzeros
+    w[5, m: 2 * m] = 0
+    values, meta = packing.pack(w, n, m, codec)
+    assert values.shape == (w.shape[0], w.shape[1] * n // m) and values.dtype == dtype
+    assert meta.dtype == torch.uint8 and tuple(meta.shape) == packing.meta_shape(*w.shape, m, codec)
+    assert torch.equal(packing.unpack(values, meta, w.shape[1], n, m, codec), w)
+
+
+def test_b6x3_layout_and_size():
+    w = torch.tensor([[1.0, 2.0, 0, 0, 0, 0, 3.0, 4.0, 5.0, 0, 0, 6.0, 0, 7.0, 8.0, 0]])
+    values, meta = packing.pack(w, 2, 4, "b6x3")
+    assert values.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    # groups: {0,1} -> 0, {2,3} -> 5, {0,3} -> 3 | {1,2} -> 2 (next byte, padded)
+    assert meta.tolist() == [[0 + 6 * 5 + 36 * 3, 2]]
+    bf16 = packing.packed_nbytes(576, 1536, 2, 4, "b6x3", 2)
+    limit = packing.information_limit_nbytes(576, 1536, 2, 4, 2)
+    assert bf16 / (576 * 1536 * 2) == pytest.approx(0.541667, abs=1e-6) and bf16 / limit - 1 < 0.003
+
+
+def test_pack_refuses_dense_and_corrupt_input():
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="is not 2:4 sparse"):
+        packing.pack(w, 2, 4, "b6x3", name="layer")
+    with pytest.raises(ValueError, match="2:4 groups only"):
+        packing.pack(_nm_tensor(8, 16, 1, 4), 1, 4, "b6x3")
+    values, meta = packing.pack(_nm_tensor(8, 24, 2, 4), 2, 4, "b6x3")
+    meta[0, 0] = 250
+    with pytest.raises(ValueError, match="corrupt"):
+        packing.unpack(values, meta, 24, 2, 4, "b6x3")
+
+
+def test_config_is_a_registered_quantization_config():
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["peft_sparse"] is SparsityConfig
+    assert AUTO_QUANTIZER_MAPPING["peft_sparse"] is peft_sparse.SparsityHfQuantizer
+    register()  # twice is harmless
+    with pytest.raises(TypeError):
+        SparsityConfig(method="magnitude", patern="2:4")  # user-built: typos fail
+    with pytest.raises(ValueError, match="packed format stores N:M"):
+        SparsityConfig(method="magnitude", sparsity=0.5, format="packed")
+    with pytest.raises(ValueError, match="Unknown method|unknown method|method"):
+        SparsityConfig(method="future-method")
+    saved = {**SparsityConfig(method="magnitude").to_dict(), "method": "future-method",
+             "method_options": {"alpha": 1}, "new_recipe_key": 3}
+    loaded = SparsityConfig.from_dict(saved)  # what a newer version wrote still loads
+    assert loaded.method == "future-method" and loaded.provenance == {"new_recipe_key": 3}
+    assert loaded.quant_method == "peft_sparse" and loaded.to_dict()["method_options"] == {"alpha": 1}
+    with pytest.raises(ValueError, match="pip install -U peft_sparse"):
+        SparsityConfig.from_dict({**saved, "format_version": 99})
+    with pytest.raises(ValueError, match="N:M"):
+        SparsityConfig.from_dict({**saved, "pattern": "2:x"})
+
+
+def _tied_llama():
+    torch.manual_seed(0)
+    config = _tiny_config("llama", TINY_VOCAB)
+    config.tie_word_embeddings = True
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _pruned(arch="llama", dtype=torch.float32):
+    model = (_tied_llama() if arch == "tied" else make_tiny_model(arch)).to(dtype)
+    prune(model, SparsityConfig(method="magnitude", pattern="2:4"))
+    return model
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
+
+
+def _keys(directory):
+    out = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            out.update({k: (tuple(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype())
+                        for k in handle.keys()})  # noqa: SIM118
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_packed_round_trip_bit_identical(tmp_path, dtype):
+    model = _pruned("tied", dtype=dtype)
+    save_pretrained(model, tmp_path / "p", "packed")
+    save_pretrained(model, tmp_path / "s", "packed", max_shard_size="40KB")
+    assert len(list((tmp_path / "s").glob("*.safetensors"))) > 1
+    keys = _keys(tmp_path / "p")
+    assert keys["model.layers.0.mlp.down_proj.weight"][0] == (64, 64)  # in 128 -> 64 kept values
+    assert keys["model.layers.0.mlp.down_proj.weight_meta"] == ((64, 11), "U8")
+    assert "lm_head.weight" not in keys  # tied embeddings stored once
+    save_pretrained(model, tmp_path / "dense", "dense")  # reference logits: a fresh load (rotary buffers in fp32)
+    logits = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")(IDS).logits
+    for sub in ("p", "s"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / sub)
+        assert loaded.dtype == dtype and _same_state(loaded, model)
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+        assert torch.equal(loaded(IDS).logits, logits)
+    loaded.save_pretrained(tmp_path / "re")  # re-save of a loaded model: packed again, same bytes per tensor
+    assert _keys(tmp_path / "re") == keys
+    assert _same_state(AutoModelForCausalLM.from_pretrained(tmp_path / "re"), model)
+    other = torch.float32 if dtype != torch.float32 else torch.bfloat16
+    cast = AutoModelForCausalLM.from_pretrained(tmp_path / "p", dtype=other)
+    assert all(torch.equal(v, model.state_dict()[k].to(other)) for k, v in cast.state_dict().items())
+    dense = loaded.dequantize()
+    assert not getattr(dense, "is_quantized", False) and not hasattr(dense.config, "quantization_config")
+    dense.save_pretrained(tmp_path / "d")
+    assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())
+    assert _keys(tmp_path / "d")["model.layers.0.mlp.down_proj.weight"][0] == (64, 128)
+
+
+def test_gpt2_conv1d_round_trip(tmp_path):
+    model = _pruned("gpt2")
+    save_pretrained(model, tmp_path / "p")
+    assert _keys(tmp_path / "p")["transformer.h.0.mlp.c_fc.weight"][0] == (256, 32)  # packed on W^T (out, in/2)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert _same_state(loaded, model) and torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_dense_format_loads_plainly_with_side_file(tmp_path):
+    model = _pruned()
+    save_pretrained(model, tmp_path / "d", "dense")
+    assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())
+    assert json.loads((tmp_path / "d" / "sparsity_config.json").read_text())["format"] == "dense"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "d")
+    assert not getattr(loaded, "is_quantized", False) and _same_state(loaded, model)
+    assert not hasattr(model, "hf_quantizer")  # saving packed/dense leaves the in-memory model as it was
+
+
+def test_save_refuses_before_writing(tmp_path):
+    model = make_tiny_model("llama")
+    with pytest.raises(ValueError, match="carries no SparsityConfig"):
+        save_pretrained(model, tmp_path / "x")
+    with pytest.raises(ValueError, match="is not 2:4 sparse"):
+        save_pretrained(model, tmp_path / "x", config=SparsityConfig(method="magnitude"))
+    assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+_GUARD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+assert "peft_sparse" not in sys.modules
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1])
+except Exception as error:
+    print("REFUSED", type(error).__name__, error)
+    sys.exit(0)
+print("LOADED")
+sys.exit(1)
+"""
+
+
+def test_no_import_guard_fails_loudly(tmp_path):
+    save_pretrained(_pruned(), tmp_path / "p")
+    run = subprocess.run([sys.executable, "-c", _GUARD, str(tmp_path / "p")], capture_output=True, text=True,
+                         check=False, cwd=tmp_path, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                                        "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "REFUSED RuntimeError" in run.stdout and "peft_sparse" in run.stderr  # the unknown-method warning
+
+
+def test_prune_on_load_equals_prune_and_saves_packed(tmp_path):
+    for arch in ("llama", "gpt2"):
+        dense = make_tiny_model(arch)
+        dense.save_pretrained(tmp_path / arch)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            tmp_path / arch, quantization_config=SparsityConfig(method="magnitude", pattern="2:4"))
+        reference = AutoModelForCausalLM.from_pretrained(tmp_path / arch)
+        prune(reference, SparsityConfig(method="magnitude", pattern="2:4"))
+        assert _same_state(loaded, reference)
+        loaded.save_pretrained(tmp_path / f"{arch}-packed")
+        assert any(k.endswith("weight_meta") for k in _keys(tmp_path / f"{arch}-packed"))
+        assert _same_state(AutoModelForCausalLM.from_pretrained(tmp_path / f"{arch}-packed"), reference)
+    with pytest.raises(ValueError, match="peft_sparse.prune"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "llama", quantization_config=SparsityConfig(method="wanda"))
+
+
+def test_plain_trainer_full_finetune_is_refused(tmp_path):
+    save_pretrained(_pruned(), tmp_path / "p")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="SparseTrainer"):
+        Trainer(model=model, args=args, train_dataset=[{"input_ids": IDS[0], "labels": IDS[0]}])
+
+
+def test_spp_adapter_on_packed_model_merges_and_saves_packed(tmp_path):
+    from peft import get_peft_model
+
+    save_pretrained(_pruned(), tmp_path / "p")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    peft_model = get_peft_model(base, peft_sparse.SPPConfig(r=4))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, report_to=[], use_cpu=True,
+                             learning_rate=1e-2, per_device_train_batch_size=2, save_strategy="no")
+    Trainer(model=peft_model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in IDS]).train()
+    expected = peft_model(IDS).logits
+    merged = peft_model.merge_and_unload()
+    modules = merged.config.quantization_config.modules
+    assert all(follows_nm(merged.get_submodule(name).weight, 2, 4) for name in modules)
+    merged.save_pretrained(tmp_path / "merged")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert _same_state(again, merged) and torch.allclose(again(IDS).logits, expected, atol=1e-5)
+    assert torch.equal(again(IDS).logits, merged(IDS).logits)
+
+
+def test_slorb_side_weights_travel_in_the_packed_files(tmp_path):
+    from peft_sparse.export.modules import add_slorb_side
+
+    dense = make_tiny_model("llama")
+    slorb = peft_sparse.get_slorb_model(dense, peft_sparse.SLoRBConfig(k=16, pattern="2:4"))
+    expected = slorb(IDS).logits
+    side = slorb.base_model.side_weights()
+    base = slorb.unload()
+    for name, (S, _k) in side.items():
+        add_slorb_side(base.get_submodule(name), S.clone())
+    assert torch.allclose(base(IDS).logits, expected, atol=1e-6)
+    save_pretrained(base, tmp_path / "p", config=SparsityConfig(method="magnitude", pattern="2:4"))
+    assert _keys(tmp_path / "p")["model.layers.0.mlp.down_proj.slorb_S"][0] == (64, 128 // 16)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert _same_state(loaded, base) and torch.equal(loaded(IDS).logits, base(IDS).logits)
+    with pytest.raises(ValueError, match="SLoRB side weight"):
+        save_pretrained(base, tmp_path / "d", "dense", config=SparsityConfig(method="magnitude"))
+
+
+def test_cli_prune_packed_and_export_both_ways(tmp_path, tiny_model_dir):
+    from peft_sparse.cli import main
+
+    assert main(["prune", str(tiny_model_dir), "--method", "magnitude", "--save-format", "packed",
+                 "--output", str(tmp_path / "packed")]) == 0
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    assert packed.config.quantization_config.provenance["calibration"] == "embedded"
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prune(reference, SparsityConfig(method="magnitude"))
+    assert _same_state(packed, reference)
+    report = json.loads((tmp_path / "packed" / "prune_report.json").read_text())
+    assert report["save_format"] == "packed" and (tmp_path / "packed" / "tokenizer.json").exists()
+    assert main(["export", str(tmp_path / "packed"), "--format", "dense", "--output", str(tmp_path / "dense")]) == 0
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert main(["export", str(tmp_path / "dense"), "--format", "packed", "--dtype", "bfloat16",
+                 "--output", str(tmp_path / "bf16")]) == 0
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert bf16.dtype == torch.bfloat16
+    assert all(torch.equal(v, reference.state_dict()[k].bfloat16()) for k, v in bf16.state_dict().items())
+    assert main(["export", str(tiny_model_dir), "--format", "packed", "--output", str(tmp_path / "x")]) == 2
+    assert main(["prune", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5", "--save-format",
+                 "packed", "--output", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
