@@ -298,24 +298,25 @@ def run_export(args: argparse.Namespace) -> None:
 
     from .export import save_pretrained, sparsity_config_of
 
-    output = _check_output(args.output, args.overwrite)
-    source = Path(args.source).expanduser()
-    side = source / SIDE_FILE
-    pattern = SparsityConfig(method="magnitude", pattern=args.pattern) if args.pattern else None
-    if pattern is None and source.is_dir() and not side.exists() and not (source / "config.json").exists():
-        raise FileNotFoundError(f"no such model directory: {args.source}")
-    kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
-    model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
-    config = sparsity_config_of(model) or pattern
-    if config is None and side.exists():
-        config = SparsityConfig.from_dict(json.loads(side.read_text()))
-    if config is None:
-        raise ValueError(f"{args.source} is a dense checkpoint without {SIDE_FILE}; pass --pattern N:M to say "
-                         "which sparsity it has.")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError):
-        tokenizer = None
+    with user_input():
+        output = _check_output(args.output, args.overwrite)
+        source = Path(args.source).expanduser()
+        side = source / SIDE_FILE
+        pattern = SparsityConfig(method="magnitude", pattern=args.pattern) if args.pattern else None
+        if pattern is None and source.is_dir() and not side.exists() and not (source / "config.json").exists():
+            raise InputNotFoundError(f"no such model directory: {args.source}")
+        kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
+        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+        config = sparsity_config_of(model) or pattern
+        if config is None and side.exists():
+            config = SparsityConfig.from_dict(json.loads(side.read_text()))
+        if config is None:
+            raise SparseConfigError(f"{args.source} is a dense checkpoint without {SIDE_FILE}; pass --pattern N:M "
+                                    "to say which sparsity it has.")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+        except (OSError, ValueError):
+            tokenizer = None
     save_pretrained(model, output, args.format, config=config, tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"Exported {args.source} as {args.format} -> {output}")
     _maybe_push(args.push_to_hub, output, model, config, args.format)

