@@ -24,11 +24,9 @@ _TRL_NAMES = ("SparseSFTConfig", "SparseSFTTrainer")
 
 
 def __getattr__(name: str):
-    if name in _TRL_NAMES:
-        try:
-            from . import sft
-        except ImportError as error:
-            raise ImportError(f"{name} needs TRL: pip install 'peft_sparse[trl]'.") from error
+    if name in _TRL_NAMES:  # TRL is imported on first use only: it is slow to import
+        from . import sft
+
         return getattr(sft, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
