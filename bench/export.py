@@ -140,7 +140,8 @@ def run(repeats: int) -> dict:
                                  "samples": {"save": [round(x, 3) for x in saves[fmt]],
                                              **{k: [round(x, 3) for x in v] for k, v in loads[fmt].items()}}})
             other = row["dense"]["checkpoint_payload_bytes"] - row["dense"]["linear_bytes"]
-            row["limit"] = {"linear_bytes": round(limit_linears), "checkpoint_payload_bytes": round(limit_linears + other)}
+            row["limit"] = {"linear_bytes": round(limit_linears),
+                            "checkpoint_payload_bytes": round(limit_linears + other)}
             packed, dense = row["packed"], row["dense"]
             row["packed_linears_vs_dense"] = round(packed["linear_bytes"] / dense["linear_bytes"], 5)
             row["packed_linears_over_limit"] = round(packed["linear_bytes"] / limit_linears - 1, 5)

@@ -49,7 +49,8 @@ def layer_rows(dtype: torch.dtype) -> list[dict]:
                 sparse = torch.sparse.to_sparse_semi_structured(w)
             for m in TOKENS:
                 x = torch.randn(m, in_f, device="cuda", dtype=dtype)
-                dense_ms, sparse_ms = cuda_ms(lambda: F.linear(x, w)), cuda_ms(lambda: F.linear(x, sparse))
+                dense_ms = cuda_ms(lambda x=x, w=w: F.linear(x, w))
+                sparse_ms = cuda_ms(lambda x=x, s=sparse: F.linear(x, s))
                 rows.append({"layer": name, "shape": [out_f, in_f], "tokens": m, "backend": backend,
                              "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms})
     return rows

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_CALIBRATION = SHARED / "c4" / "c4-train.00000-of-01024.first1000.jsonl"

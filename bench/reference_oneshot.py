@@ -26,13 +26,12 @@ import io
 import sys
 import time
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
-
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("2:4", "unstructured")

@@ -57,8 +57,8 @@ def pull(placement: str, lam: float, sigma: float, w0: float, steps: int, lr: fl
         if placement == "gradient":  # decay in the gradient, then plain AdamW (no mask given)
             opt = SparseAdamW([param], masks={}, lr=lr, betas=(0.9, 0.999))
         else:
-            opt = SparseAdamW([param], masks={param: lambda: keep}, placement=placement, lr=lr, betas=(0.9, 0.999),
-                              srste_decay=decay)
+            opt = SparseAdamW([param], masks={param: lambda keep=keep: keep}, placement=placement, lr=lr,
+                              betas=(0.9, 0.999), srste_decay=decay)
         for _ in range(steps):
             noise = torch.randn(n, generator=generator) * sigma
             param.grad = noise + decay * param.detach() if placement == "gradient" else noise
@@ -101,7 +101,8 @@ def main() -> None:
     }
     print(f"SmolLM2: RMS loss gradient {sigma:.3e}, mean |W| of 2:4-pruned weights {w0:.3e}, {args.steps} steps, "
           f"lr {args.lr:g}")
-    print(f"| placement | pull at λ={args.lam:g} | " + " | ".join(f"λ for the pull of {r!r}" for r in PLACEMENTS) + " |")
+    pulls = " | ".join(f"λ for the pull of {r!r}" for r in PLACEMENTS)
+    print(f"| placement | pull at λ={args.lam:g} | {pulls} |")
     print("|---|---:|" + "---:|" * len(PLACEMENTS))
     for p in PLACEMENTS:
         cells = " | ".join("unreachable" if equal[r][p] is None else f"{equal[r][p]:.3g}" for r in PLACEMENTS)

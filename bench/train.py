@@ -10,8 +10,9 @@ Protocol (WikiText-2 test, 512-token windows, first ``--eval-windows`` windows, 
 * a run is named ``START:MODE[:PLACEMENT[:LAMBDA]]``: MODE ``frozen`` (the start's mask fixed, kept weights train),
   ``naive`` (AST-Naive: dynamic masks, annealed SR-STE at PLACEMENT, λ = LAMBDA or ``--srste-decay``) or ``boosted``
   (the same + SLoRB k=16, mean init);
-* step time of SparseTrainer vs a plain Trainer on the same model and batch, with and without the teacher
-  (``--timing-steps``);
+* step time of SparseTrainer vs a plain Trainer on the same model and batch, without the teacher, with the fp32
+  teacher and with a bf16 teacher (``teacher_dtype``), back to back in one process (``--timing-steps``), and with
+  ``--peak-memory`` each trainer's peak resident memory, each in a fresh process;
 * with ``--flip-steps N``: flip-rate telemetry, AST-Naive from both starts for N steps of one sequence each (C4
   sampling seed 2, no evaluation), so the plot has a point every ``--mask-update-interval`` steps.
 
@@ -29,7 +30,10 @@ import argparse
 import copy
 import json
 import logging
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,7 +46,7 @@ from peft_sparse import SparseTrainer, SparseTrainingArguments, SparsityConfig, 
 from peft_sparse.data import load_calibration
 from peft_sparse.evaluation import perplexity
 from peft_sparse.models import smollm2
-from peft_sparse.training import TokenWindowDataset
+from peft_sparse.training import TokenWindowDataset, kl_distill_sum
 from peft_sparse.training.config import SRSTE_PLACEMENTS
 
 C4 = "/work/shared/data/c4/c4-train.00000-of-01024.first1000.jsonl"
@@ -100,6 +104,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--flip-steps", type=int, default=0, help="steps of the flip-rate telemetry runs (0: skip)")
     parser.add_argument("--timing-steps", type=int, default=3, help="timed steps per trainer after 1 warm-up (0: skip)")
+    parser.add_argument("--peak-memory", action="store_true",
+                        help="also the peak memory of each timed trainer, each in a fresh process")
+    parser.add_argument("--measure-trainer", choices=sorted(TRAINERS), help=argparse.SUPPRESS)  # one, then exit
     parser.add_argument("--skip-dense-eval", action="store_true")
     parser.add_argument("--cache-dir", type=Path, help="keep/reuse the one-shot starting points here")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
@@ -169,6 +176,7 @@ def train_run(name: str, run: Run, start, dense, tokenizer, dataset, args, score
         began = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - began
+        trainer.finalize()  # evaluate the hard-pruned, exactly 2:4 model
     flips = [row for row in trainer.state.log_history if "flip_rate" in row]
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     result = dict(train_seconds=round(seconds, 1), losses=losses, flips=flips, settings={**overrides, **settings})
@@ -200,29 +208,60 @@ class StepTimer(TrainerCallback):
         self.durations.append(time.perf_counter() - self.began)
 
 
-def time_trainer(dense, dataset, args, sparse: bool, teacher=None) -> float:
-    """Median seconds per optimizer step (the first step is a warm-up and not counted)."""
+# The timed trainers: (SparseTrainer?, with the dense teacher?, SparseTrainingArguments overrides).
+TRAINERS = {
+    "plain": (False, False, {}),
+    "sparse": (True, False, {}),
+    "sparse_teacher": (True, True, {}),
+    "sparse_bf16_teacher": (True, True, {"teacher_dtype": "bfloat16"}),
+}
+
+
+def time_trainer(name: str, dense, dataset, args) -> float:
+    """Median seconds per optimizer step of trainer ``name`` (the first step is a warm-up and not counted)."""
+    sparse, with_teacher, settings = TRAINERS[name]
+    teacher = dense if with_teacher else None
     timer = StepTimer()
     model = trainable_copy(dense)
     steps = args.timing_steps + 1
     with tempfile.TemporaryDirectory() as tmp:
         if sparse:
-            settings = sparse_arguments(tmp, args, max_steps=steps, finalize_at_end=False)
-            trainer = SparseTrainer(model=model, args=settings, teacher=teacher, train_dataset=dataset,
+            trainer = SparseTrainer(model=model, args=sparse_arguments(tmp, args, max_steps=steps, **settings),
+                                    teacher=teacher, train_dataset=dataset,
                                     callbacks=[timer])
         else:
-            settings = TrainingArguments(**{**plain_settings(tmp, args), "max_steps": steps})
-            trainer = Trainer(model=model, args=settings, train_dataset=dataset, callbacks=[timer])
+            plain = TrainingArguments(**{**plain_settings(tmp, args), "max_steps": steps})
+            trainer = Trainer(model=model, args=plain, train_dataset=dataset, callbacks=[timer])
         trainer.train()
     return statistics.median(timer.durations[1:])
 
 
+def teacher_precision_gap(dense, dataset, args) -> float:
+    """Mean per-token ``T²·KL(fp32 teacher ‖ bf16 teacher)`` at T = 2 on one batch: what a bf16 teacher changes."""
+    ids = torch.stack([dataset[i]["input_ids"] for i in range(args.batch)])
+    with torch.inference_mode():
+        exact = dense(input_ids=ids).logits
+        rounded = copy.deepcopy(dense).to(torch.bfloat16)(input_ids=ids).logits
+    return float(kl_distill_sum(rounded.flatten(0, 1), exact.flatten(0, 1), 2.0)) / ids.numel()
+
+
 def step_times(dense, dataset, args) -> dict:
-    plain = time_trainer(dense, dataset, args, sparse=False)
-    srste = time_trainer(dense, dataset, args, sparse=True)
-    with_teacher = time_trainer(dense, dataset, args, sparse=True, teacher=dense)
-    return dict(plain_s=plain, sparse_s=srste, sparse_teacher_s=with_teacher, ratio_no_teacher=srste / plain,
-                ratio_with_teacher=with_teacher / plain)
+    """The trainers back to back in this process (on a shared machine, compare ratios, not seconds)."""
+    seconds = {name: time_trainer(name, dense, dataset, args) for name in TRAINERS}
+    ratios = {f"ratio_{name}": value / seconds["plain"] for name, value in seconds.items() if name != "plain"}
+    return dict(seconds=seconds, **ratios, bf16_teacher_kl_per_token=teacher_precision_gap(dense, dataset, args))
+
+
+def peak_memory(args) -> dict[str, float]:
+    """Peak resident memory (MiB) of each timed trainer, each in a fresh process (model + data + 2 steps)."""
+    peaks = {}
+    for name in TRAINERS:
+        command = [sys.executable, __file__, "--measure-trainer", name, "--timing-steps", "1", "--steps", "2",
+                   "--batch", str(args.batch), "--seqlen", str(args.seqlen), "--skip-dense-eval"]
+        command += ["--threads", str(args.threads)] if args.threads else []
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        peaks[name] = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    return peaks
 
 
 def main() -> None:
@@ -235,12 +274,19 @@ def main() -> None:
     dense.eval().requires_grad_(False)
     windows = load_calibration(C4, tokenizer, nsamples=args.steps * args.batch, seqlen=args.seqlen, seed=1)
     dataset = TokenWindowDataset(windows)
+    if args.measure_trainer:  # a child of --peak-memory: this process's peak is the answer
+        time_trainer(args.measure_trainer, dense, dataset, args)
+        print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
     results: dict = dict(config={k: str(v) for k, v in vars(args).items()}, tokens=windows.numel())
     if not args.skip_dense_eval:
         results["dense_ppl"] = evaluate(dense, tokenizer, args)
     if args.timing_steps:
         results["step_time"] = step_times(dense, dataset, args)
         logger.info("step time: %s", results["step_time"])
+    if args.peak_memory:
+        results["peak_rss_mib"] = peak_memory(args)
+        logger.info("peak memory: %s", results["peak_rss_mib"])
     needed = {run.start for run in args.runs.values()} | ({"sparsegpt"} if args.flip_steps else set())
     starts = {"magnitude": dense}  # the paper's start: dense weights, magnitude mask taken by the trainer
     for method in sorted(needed):

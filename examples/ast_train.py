@@ -67,7 +67,7 @@ def main() -> None:
         srste_decay=cli.srste_decay, distill_alpha=0.67, distill_temperature=2.0, **sparse, **MODES[cli.mode],
     )
     trainer = SparseTrainer(model=student, args=args, teacher=teacher, train_dataset=TokenWindowDataset(windows))
-    trainer.train()  # ends with finalize(): weights hard-pruned to the final 2:4 masks
+    trainer.train()  # leaves the trainer trainable; finalize() hard-prunes to the final 2:4 masks and saves
     trainer.finalize(cli.output_dir)
     ppl = perplexity(trainer.model, tokenizer, WIKITEXT, seqlen=512, max_windows=cli.eval_windows).ppl
     logging.info("WikiText-2 perplexity after AST-%s from %s: %.2f", cli.mode, cli.start, ppl)

@@ -1,14 +1,18 @@
-"""``peft-sparse``: a thin command line over the library (prune, export, eval, demo).
+"""``peft-sparse``: a thin command line over the library (prune, train, export, eval, demo).
 
 Every argument is validated (the ``SparsityConfig`` is built, input files are checked, the output directory is
-checked) before a model is loaded, and user errors end with a one-line message and exit status 2. Outputs are
-written atomically: a checkpoint is built in a temporary sibling directory and renamed into place at the end.
+checked) before a model is loaded. User errors (:class:`~peft_sparse.errors.PeftSparseUserError`, and whatever the
+input checks and loaders raise) end with a one-line message and exit status 2 (``-v`` adds the traceback); any other
+exception is a bug and keeps its traceback. Outputs are written atomically: a checkpoint is built in a temporary
+sibling directory and renamed into place at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,10 +28,12 @@ import torch
 
 from .config import SparsityConfig
 from .data.sources import EMBEDDED, HUB_DATASETS, check_local_file, is_local_source
+from .errors import InputNotFoundError, OutputExistsError, PeftSparseUserError, SparseConfigError
 from .export.formats import SIDE_FILE, get_format, resolve_for_save
 from .pruning.registry import PRUNERS, get_pruner
+from .sparsity.patterns import SCOPES
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 SAVE_FORMATS = ("dense", "packed")  # peft_sparse.export.FORMATS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,20 +62,41 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default float32)")
 
 
+@contextlib.contextmanager
+def user_input() -> Iterator[None]:
+    """Checks and loads of user input: what they raise is the user's to fix, so it is reported as a user error."""
+    try:
+        yield
+    except PeftSparseUserError:
+        raise
+    except INPUT_ERRORS as error:
+        raise (InputNotFoundError if isinstance(error, FileNotFoundError) else SparseConfigError)(str(error)) from error
+
+
+def _config_default(name: str):
+    """The default of a :class:`SparsityConfig` field, so the CLI never repeats it."""
+    spec = {f.name: f for f in dataclasses.fields(SparsityConfig)}[name]
+    return spec.default
+
+
 def _add_prune_parser(commands) -> None:
     parser = commands.add_parser("prune", help="one-shot prune a model and save a plain transformers checkpoint")
     _add_model_args(parser)
-    parser.add_argument("--method", choices=sorted(PRUNERS), default="wanda", help="pruning method (default wanda)")
+    parser.add_argument("--method", choices=sorted(PRUNERS), default=_config_default("method"),
+                        help="pruning method (default %(default)s)")
     parser.add_argument("--pattern", help="N:M pattern, N kept of every M input weights (default 2:4)")
     parser.add_argument("--sparsity", type=float, help="unstructured ratio of zeros instead of --pattern, e.g. 0.5")
-    parser.add_argument("--sparsity-scope", choices=("row", "layer"), default="row",
-                        help="unstructured only: rank weights per output row or per layer (default row)")
+    parser.add_argument("--sparsity-scope", choices=SCOPES, default=_config_default("sparsity_scope"),
+                        help="unstructured only: rank weights per output row or per layer (default %(default)s)")
     parser.add_argument("--calibration", default=EMBEDDED,
                         help=f"'embedded' (built-in offline text, default), {' or '.join(HUB_DATASETS)} (Hub), "
                         "or a local .txt/.raw/.jsonl file")
-    parser.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")
-    parser.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration window")
-    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    parser.add_argument("--nsamples", type=_positive_int, default=_config_default("nsamples"),
+                        help="calibration windows (default %(default)s)")
+    parser.add_argument("--seqlen", type=_positive_int, default=_config_default("seqlen"),
+                        help="tokens per calibration window (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=_config_default("seed"),
+                        help="calibration sampling seed (default %(default)s)")
     parser.add_argument("--targets", nargs="+", metavar="REGEX", help="module-name regexes to prune (default: "
                         "every linear layer inside the decoder blocks)")
     parser.add_argument("--ignore", nargs="+", default=[], metavar="REGEX", help="module-name regexes to keep dense")
@@ -127,15 +155,25 @@ def _add_demo_parser(commands) -> None:
     parser.set_defaults(handler=run_demo)
 
 
+def _add_train_parser(commands) -> None:
+    commands.add_parser(
+        "train", add_help=False,
+        help="AST sparse retraining to an exactly N:M model (options: peft-sparse train --help)",
+    ).set_defaults(handler=run_train)  # its options are parsed by HfArgumentParser in run_train
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="peft-sparse", description="N:M (2:4) sparsity for Hugging Face causal LMs: prune, evaluate, demo."
+        prog="peft-sparse",
+        description="N:M (2:4) sparsity for Hugging Face causal LMs: prune, retrain, evaluate, demo.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress (INFO level) and print the traceback of an error")
     parser.add_argument("--threads", type=_positive_int,
                         help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy machine")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prune_parser(commands)
+    _add_train_parser(commands)
     _add_export_parser(commands)
     _add_eval_parser(commands)
     _add_demo_parser(commands)
@@ -147,16 +185,18 @@ def _check_source(source: str, what: str) -> None:
     if source in (EMBEDDED, *HUB_DATASETS):
         return
     if not is_local_source(source):
-        raise ValueError(f"Unknown {what} {source!r}: use {EMBEDDED!r}, {' or '.join(HUB_DATASETS)}, or a file path.")
+        raise SparseConfigError(
+            f"Unknown {what} {source!r}: use {EMBEDDED!r}, {' or '.join(HUB_DATASETS)}, or a file path."
+        )
     check_local_file(source)
 
 
 def _check_output(output: str, overwrite: bool) -> Path:
     path = Path(output).expanduser()
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"Output {output!r} exists and is not a directory; choose another --output.")
+        raise OutputExistsError(f"Output {output!r} exists and is not a directory; choose another output.")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"Output directory {output!r} is not empty; pass --overwrite or choose another.")
+        raise OutputExistsError(f"Output directory {output!r} is not empty; pass --overwrite or choose another.")
     return path
 
 
@@ -200,21 +240,34 @@ def load_model(name: str, dtype: torch.dtype):
     return load_model_and_tokenizer(name, dtype=dtype)
 
 
+def checked_calibration(model, config: SparsityConfig, calibration, tokenizer):
+    """Validate ``config`` against ``model`` and load its calibration ids: the input half of :func:`prune`."""
+    from .prune import resolve_calibration
+    from .pruning import engine
+
+    engine.plan(model, config.sparsity_pattern, config.targets, config.ignore)
+    return resolve_calibration(model, config, calibration, tokenizer)
+
+
 def run_prune(args: argparse.Namespace) -> None:
     from . import prune
 
-    config = SparsityConfig(
-        method=args.method, pattern=args.pattern, sparsity=args.sparsity, sparsity_scope=args.sparsity_scope,
-        targets=args.targets, ignore=args.ignore, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        method_options=dict(args.option),
-    )
-    _check_source(args.calibration, "calibration source")
-    output = _check_output(args.output, args.overwrite)
-    if args.save_format == "packed" and not config.sparsity_pattern.is_nm:
-        raise ValueError("--save-format packed stores N:M patterns only; use --save-format dense for --sparsity.")
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
-    calibration = args.calibration if get_pruner(config.method).needs_data else None  # magnitude: data-free
-    report = prune(model, config, calibration=calibration, tokenizer=tokenizer)
+    with user_input():
+        config = SparsityConfig(
+            method=args.method, pattern=args.pattern, sparsity=args.sparsity, sparsity_scope=args.sparsity_scope,
+            targets=args.targets, ignore=args.ignore, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+            method_options=dict(args.option),
+        )
+        _check_source(args.calibration, "calibration source")
+        output = _check_output(args.output, args.overwrite)
+        if args.save_format == "packed" and not config.sparsity_pattern.is_nm:
+            raise SparseConfigError(
+                "--save-format packed stores N:M patterns only; use --save-format dense for --sparsity."
+            )
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+        calibration = args.calibration if get_pruner(config.method).needs_data else None  # magnitude: data-free
+        calibration = checked_calibration(model, config, calibration, tokenizer)
+    report = prune(model, config, calibration=calibration)
     config.provenance.update(base_model=args.model, calibration=args.calibration)
     with atomic_directory(output) as staging:
         get_format(args.save_format).save(model, staging, resolve_for_save(model, config, args.save_format), {})
@@ -245,35 +298,73 @@ def run_export(args: argparse.Namespace) -> None:
 
     from .export import save_pretrained, sparsity_config_of
 
-    output = _check_output(args.output, args.overwrite)
-    source = Path(args.source).expanduser()
-    side = source / SIDE_FILE
-    pattern = SparsityConfig(method="magnitude", pattern=args.pattern) if args.pattern else None
-    if pattern is None and source.is_dir() and not side.exists() and not (source / "config.json").exists():
-        raise FileNotFoundError(f"no such model directory: {args.source}")
-    kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
-    model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
-    config = sparsity_config_of(model) or pattern
-    if config is None and side.exists():
-        config = SparsityConfig.from_dict(json.loads(side.read_text()))
-    if config is None:
-        raise ValueError(f"{args.source} is a dense checkpoint without {SIDE_FILE}; pass --pattern N:M to say "
-                         "which sparsity it has.")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError):
-        tokenizer = None
+    with user_input():
+        output = _check_output(args.output, args.overwrite)
+        source = Path(args.source).expanduser()
+        side = source / SIDE_FILE
+        pattern = SparsityConfig(method="magnitude", pattern=args.pattern) if args.pattern else None
+        if pattern is None and source.is_dir() and not side.exists() and not (source / "config.json").exists():
+            raise InputNotFoundError(f"no such model directory: {args.source}")
+        kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
+        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+        config = sparsity_config_of(model) or pattern
+        if config is None and side.exists():
+            config = SparsityConfig.from_dict(json.loads(side.read_text()))
+        if config is None:
+            raise SparseConfigError(f"{args.source} is a dense checkpoint without {SIDE_FILE}; pass --pattern N:M "
+                                    "to say which sparsity it has.")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+        except (OSError, ValueError):
+            tokenizer = None
     save_pretrained(model, output, args.format, config=config, tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"Exported {args.source} as {args.format} -> {output}")
     _maybe_push(args.push_to_hub, output, model, config, args.format)
 
 
+def run_train(args: argparse.Namespace) -> None:
+    """``peft-sparse train``: load, optionally one-shot prune, AST-retrain, finalize, save atomically."""
+    from .data import load_calibration
+    from .training import SparseTrainer, TokenWindowDataset
+    from .training.cli import parse_train_args, write_training_outputs
+
+    with user_input():
+        model_args, data_args, train_args = parse_train_args(args.train_argv)
+        prune_config = None if model_args.prune is None else SparsityConfig(
+            method=model_args.prune, pattern=train_args.pattern, targets=train_args.targets, ignore=train_args.ignore)
+        _check_source(data_args.data, "training data")
+        output = _check_output(train_args.output_dir, model_args.overwrite)
+        count = data_args.window_count(train_args)
+        model, tokenizer = load_model(model_args.model, DTYPES[model_args.dtype])
+        windows = load_calibration(data_args.data, tokenizer, nsamples=count, seqlen=data_args.seqlen,
+                                   seed=data_args.window_seed)
+        if prune_config is not None:
+            checked_calibration(model, prune_config, windows, tokenizer)
+    teacher = copy.deepcopy(model) if model_args.teacher else None  # the dense input model
+    if prune_config is not None:
+        from . import prune
+
+        prune(model, prune_config, calibration=windows)  # calibrated on the training windows
+        train_args.mask_init = "pruned"
+    with atomic_directory(output) as staging:
+        train_args.output_dir = str(staging)
+        trainer = SparseTrainer(model=model, args=train_args, teacher=teacher, processing_class=tokenizer,
+                                train_dataset=TokenWindowDataset(windows))
+        trainer.train()
+        trainer.finalize(str(staging), save_format=model_args.save_format)
+        tokenizer.save_pretrained(staging)
+        write_training_outputs(staging, trainer.state.log_history)
+    print(f"Retrained {model_args.model} to {train_args.sparsity_pattern} ({trainer.state.global_step} steps, "
+          f"{windows.numel()} tokens) -> {output}")
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from .evaluation import perplexity
 
-    _check_source(args.data, "evaluation data")
-    output = _check_output_file(args.output)
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+    with user_input():
+        _check_source(args.data, "evaluation data")
+        output = _check_output_file(args.output)
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype])
     result = perplexity(model, tokenizer, args.data, args.seqlen, args.max_windows, args.batch_size)
     print(f"ppl {result.ppl:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.seconds:.1f} s)")
     if output is not None:
@@ -285,7 +376,7 @@ def _check_output_file(output: str | None) -> Path | None:
         return None
     path = Path(output).expanduser()
     if path.is_dir():
-        raise IsADirectoryError(f"--output {output!r} is a directory; give a .json file path.")
+        raise OutputExistsError(f"--output {output!r} is a directory; give a .json file path.")
     return path
 
 
@@ -303,8 +394,9 @@ def run_demo(args: argparse.Namespace) -> None:
     from .evaluation import perplexity
     from .models import smollm2
 
-    config = SparsityConfig(method=args.method, pattern=args.pattern, nsamples=args.nsamples, seqlen=args.seqlen)
-    output = _check_output_file(args.output)
+    with user_input():
+        config = SparsityConfig(method=args.method, pattern=args.pattern, nsamples=args.nsamples, seqlen=args.seqlen)
+        output = _check_output_file(args.output)
     start = time.perf_counter()
     model, tokenizer = smollm2(args.cache_dir)
     load_s = time.perf_counter() - start
@@ -325,14 +417,21 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.train_argv = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         args.handler(args)
-    except USER_ERRORS as error:
+    except PeftSparseUserError as error:
+        if args.verbose:
+            traceback.print_exc()
         message = " ".join(str(error).split())  # one line, even for multi-line library messages
         print(f"peft-sparse {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -83,7 +83,9 @@ class SparsityConfig(QuantizationConfigMixin):
         if self.pattern is None and self.sparsity is None:
             self.pattern = DEFAULT_PATTERN
         if self.pattern is not None and not SparsityPattern.parse(self.pattern).is_nm:
-            raise ValueError(f"pattern must look like 'N:M' (e.g. '2:4'); for a ratio use sparsity=, got {self.pattern!r}.")
+            raise ValueError(
+                f"pattern must look like 'N:M' (e.g. '2:4'); for a ratio use sparsity=, got {self.pattern!r}."
+            )
         if self.sparsity_scope not in SCOPES:
             raise ValueError(f"sparsity_scope must be one of {SCOPES}, got {self.sparsity_scope!r}.")
         pattern = self.sparsity_pattern  # validates numbers

@@ -130,7 +130,8 @@ def rebuild_from_gguf(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     plain.load_state_dict(model.state_dict(), assign=True)
-    for name, buffer in model.named_buffers():  # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict
+    # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict
+    for name, buffer in model.named_buffers():
         owner, _, leaf = name.rpartition(".")
         plain.get_submodule(owner)._buffers[leaf] = buffer
     plain.tie_weights()

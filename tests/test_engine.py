@@ -11,8 +11,8 @@ from conftest import TINY_ARCHS
 from transformers import AutoModelForCausalLM, GemmaConfig, PhiConfig
 
 from peft_sparse import PruneReport, SparsityConfig, prune
-from peft_sparse.pruning import engine, get_pruner
 from peft_sparse.modeling import find_decoder_blocks, is_sparse_layer, out_in
+from peft_sparse.pruning import engine, get_pruner
 from peft_sparse.pruning.engine import capture_inputs, forward_block
 from peft_sparse.pruning.magnitude import magnitude_prune
 from peft_sparse.sparsity import nm_violations

@@ -73,7 +73,7 @@ def test_push_to_hub_round_trips_through_a_stub_hub(tmp_path):
     env.pop("TRANSFORMERS_OFFLINE", None)
     try:
         run = subprocess.run([sys.executable, "-c", CLIENT, str(tests), str(tmp_path / "train")], env=env,
-                             capture_output=True, text=True, timeout=300, check=False)
+                             capture_output=True, text=True, timeout=900, check=False)
     finally:
         server.shutdown()
     assert "HUB OK" in run.stdout, run.stdout[-3000:] + run.stderr[-5000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM, OPTConfig
 from transformers.pytorch_utils import Conv1D
@@ -13,8 +14,6 @@ from peft_sparse.modeling import find_decoder_blocks, out_in, select_sparse_modu
 from peft_sparse.pruning import engine
 from peft_sparse.sparsity import SparsityPattern, follows_nm
 from peft_sparse.training.layers import attach_sparse_layers
-
-from conftest import make_tiny_model
 
 
 def opt_with_projections(seed: int = 0) -> nn.Module:
@@ -77,5 +76,6 @@ def test_prune_then_retrain_from_the_pruned_mask_with_linears_outside_the_blocks
     trainer = SparseTrainer(model=model, args=args, train_dataset=dataset)
     assert set(trainer.sparse_layers) == set(select_sparse_modules(model))
     trainer.train()
+    trainer.finalize()
     for name, module in select_sparse_modules(trainer.model).items():
         assert follows_nm(out_in(module), 2, 4), name

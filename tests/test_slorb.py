@@ -150,7 +150,8 @@ def _hook_count(weight: torch.Tensor) -> int:
 
 
 def test_trainable_base_keeps_one_hook_and_delete_cleans_masks_grad_and_hook():
-    model = get_peft_model(tiny_llama(pruned=False), SLoRBConfig(k=K, trainable_base=True, target_modules=["gate_proj"]))
+    config = SLoRBConfig(k=K, trainable_base=True, target_modules=["gate_proj"])
+    model = get_peft_model(tiny_llama(pruned=False), config)
     model.add_adapter("plain", SLoRBConfig(k=K, target_modules=["gate_proj"]))
     for _ in range(2):
         model.base_model._mark_only_adapters_as_trainable(model.base_model.model)
@@ -175,7 +176,7 @@ def test_trainable_base_follows_is_trainable_on_load(tmp_path, is_trainable):
     assert _gate(model).slorb_S["default"].requires_grad is is_trainable
     if is_trainable:
         model(token_batch(), labels=token_batch()).loss.backward()
-        assert weight.grad is not None and torch.equal(weight.grad[weight == 0], torch.zeros_like(weight.grad[weight == 0]))
+        assert weight.grad is not None and not weight.grad[weight == 0].any()
 
 
 @pytest.mark.parametrize(

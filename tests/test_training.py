@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import json
+import shutil
+import types
 
 import pytest
 import torch
@@ -12,12 +15,20 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Tr
 from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import SparseTrainer, SparseTrainingArguments
-from peft_sparse.sparsity import follows_nm, nm_mask
-from peft_sparse.training import TokenWindowDataset, MaskedWeight, SparseAdamW, attach_sparse_layers, kl_distill_sum, srste_lambda
+from peft_sparse.errors import SparseStateError
+from peft_sparse.sparsity import SparsityPattern, follows_nm, nm_mask
+from peft_sparse.training import (
+    MaskedWeight,
+    SparseAdamW,
+    TokenWindowDataset,
+    attach_sparse_layers,
+    chunked_kl_distill_sum,
+    kl_distill_sum,
+    srste_lambda,
+)
 from peft_sparse.training.layers import SparseConv1D, SparseLinear, magnitude_mask
-from peft_sparse.training.losses import shifted_token_mask
+from peft_sparse.training.losses import scored_rows, shifted_token_mask
 from peft_sparse.training.plot import flip_series, plot_flip_rates
-from peft_sparse.sparsity import SparsityPattern
 
 PATTERN = SparsityPattern.parse("2:4")
 
@@ -54,7 +65,7 @@ def test_annealing_schedule_values():
     "bad",
     [dict(pattern="2:x"), dict(mask_update_interval=0), dict(srste_decay=-1.0),
      dict(srste_placement="adam"), dict(mask_init="wanda"), dict(distill_temperature=0.0),
-     dict(pruned_values="teacher")],
+     dict(pruned_values="teacher"), dict(teacher_dtype="int8")],
 )
 def test_bad_arguments_fail_early(tmp_path, bad):
     with pytest.raises(ValueError):
@@ -149,6 +160,26 @@ def test_kl_matches_slow_reference_and_vanishes_for_equal_logits():
     assert shifted_token_mask(labels).tolist() == [[True, False, True]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_kl_equals_the_reference_on_scored_rows_in_value_and_gradient(dtype):
+    torch.manual_seed(0)
+    student = torch.randn(3, 9, 40, dtype=dtype, requires_grad=True)
+    with torch.inference_mode():  # as the trainer computes the teacher
+        teacher = torch.randn(3, 9, 40, dtype=dtype)
+    labels = torch.randint(0, 40, (3, 9))
+    labels[0, :5] = -100  # a prompt
+    labels[2] = -100  # nothing scored in this row
+    valid = shifted_token_mask(labels)
+    reference = kl_distill_sum(student[:, :-1][valid], teacher.clone()[:, :-1][valid], 2.0)
+    (expected_grad,) = torch.autograd.grad(reference, student)
+    chunked = chunked_kl_distill_sum(student, teacher, 2.0, scored_rows(labels), chunk_tokens=4)
+    (grad,) = torch.autograd.grad(chunked, student)
+    torch.testing.assert_close(chunked, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert grad.dtype == dtype and not grad[2].any() and not grad[0, :4].any()  # unscored rows get nothing
+    assert chunked_kl_distill_sum(student, teacher, 2.0, torch.empty(0, dtype=torch.long)).item() == 0.0
+
+
 def test_conv1d_masks_group_along_inputs():
     conv = Conv1D(6, 8)  # weight [in=8, out=6]
     layers = attach_sparse_layers(nn.ModuleDict({"c": conv}), PATTERN, targets=["c"])
@@ -188,12 +219,12 @@ def train_tiny(tmp_path, teacher=None, **overrides):
 
 @pytest.mark.parametrize("placement", ["step", "update", "gradient"])
 def test_dynamic_masks_stay_nm_flip_and_finalize_to_plain_model(tmp_path, placement):
-    trainer, recorder = train_tiny(tmp_path, srste_placement=placement, finalize_at_end=False)
+    trainer, recorder = train_tiny(tmp_path, srste_placement=placement)
     assert all(isinstance(layer, SparseLinear) for layer in trainer.sparse_layers.values())
     trainer.train()
     assert len(recorder.masks) == 6
     flips = [row for row in trainer.state.log_history if "flip_rate" in row]
-    assert [row["step"] for row in flips] == [2, 4]
+    assert [row["step"] for row in flips] == [3, 5]  # masks recomputed after 2 and 4 updates, logged with the step
     assert any(row["flip_rate"] > 0 for row in flips)  # lr 1e-2 moves weights across the boundary
     changed = [not torch.equal(recorder.masks[0][k], recorder.masks[-1][k]) for k in recorder.masks[0]]
     assert any(changed)
@@ -210,7 +241,7 @@ def test_dynamic_masks_stay_nm_flip_and_finalize_to_plain_model(tmp_path, placem
 
 
 def test_frozen_mask_trains_kept_weights_only(tmp_path):
-    trainer, recorder = train_tiny(tmp_path, frozen_mask=True, finalize_at_end=False)
+    trainer, recorder = train_tiny(tmp_path, frozen_mask=True)
     initial = {name: layer.sparse_mask.clone() for name, layer in trainer.sparse_layers.items()}
     before = {name: layer.weight.detach().clone() for name, layer in trainer.sparse_layers.items()}
     trainer.train()
@@ -259,24 +290,122 @@ def test_distillation_term_is_zero_when_student_equals_teacher(tmp_path):
     assert trainer.compute_loss(trainer.model, dict(batch)).item() > losses[0] + 1e-3
 
 
+def test_teacher_dtype_runs_a_converted_copy_and_keeps_the_loss_close(tmp_path):
+    teacher = tiny_llama(seed=1)
+    batch = {"input_ids": TokenDataset().ids[:4], "labels": TokenDataset().ids[:4]}
+    losses = {}
+    for dtype in (None, "bfloat16"):
+        trainer = SparseTrainer(model=tiny_llama(), args=make_args(tmp_path, teacher_dtype=dtype), teacher=teacher)
+        losses[dtype] = trainer.compute_loss(trainer.model, dict(batch))
+        losses[dtype].backward()
+    assert trainer.teacher.dtype == torch.bfloat16 and teacher.dtype == torch.float32  # the caller's model untouched
+    assert losses["bfloat16"].item() != losses[None].item()
+    assert losses["bfloat16"].item() == pytest.approx(losses[None].item(), rel=1e-2)
+
+
 def test_resume_matches_uninterrupted_run(tmp_path):
-    common = dict(save_strategy="steps", save_steps=3, finalize_at_end=False)
+    common = dict(save_strategy="steps", save_steps=3)
     full, _ = train_tiny(tmp_path / "full", **common)
     full.train()
     first, _ = train_tiny(tmp_path / "resumed", **common)
     first.add_callback(_StopAt(3))
     first.train()
     checkpoint = tmp_path / "resumed" / "checkpoint-3"
-    assert (checkpoint / "sparse_state.pt").exists()
+    assert (checkpoint / "sparse_state.safetensors").exists() and not list(checkpoint.glob("sparse_state.pt"))
     resumed, _ = train_tiny(tmp_path / "resumed", **common)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 6
+    _resumed_matches(full, resumed)
+    trained = full.sparse_layers["model.layers.0.mlp.up_proj"].weight
+    assert not torch.equal(trained, tiny_llama().model.layers[0].mlp.up_proj.weight)
+
+
+def test_train_keeps_the_trainer_trainable_and_finalize_ends_it(tmp_path):
+    trainer, recorder = train_tiny(tmp_path, max_steps=2)
+    trainer.train()
+    assert all(isinstance(layer, SparseLinear) for layer in trainer.sparse_layers.values())
+    trainer.train()  # a second run on the same (still sparse-training) model
+    assert len(recorder.masks) == 4
+    trainer.finalize()
+    with pytest.raises(SparseStateError, match="finalized"):
+        trainer.train()
+
+
+def _resumed_matches(full, resumed):
+    assert resumed.state.global_step == full.state.global_step
     for name, layer in full.sparse_layers.items():
         other = resumed.sparse_layers[name]
         assert torch.equal(layer.sparse_mask, other.sparse_mask)
         assert torch.equal(layer.initial_mask, other.initial_mask)
         torch.testing.assert_close(layer.weight, other.weight)
-    assert not torch.equal(full.sparse_layers["model.layers.0.mlp.up_proj"].weight, tiny_llama().model.layers[0].mlp.up_proj.weight)
+
+
+class _LocalHub:
+    """Stands in for the Hub: ``upload_folder`` copies the folder at the moment the Trainer pushes it."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def create_repo(self, name, **kwargs):
+        return types.SimpleNamespace(repo_id=f"local/{name}")
+
+    def upload_folder(self, folder_path, path_in_repo=None, **kwargs):
+        shutil.copytree(folder_path, self.root / (path_in_repo or "."), dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("checkpoint-*"))
+        done = concurrent.futures.Future()
+        done.set_result(None)
+        return done
+
+
+def test_resume_from_a_checkpoint_pushed_to_the_hub(tmp_path, monkeypatch):
+    import transformers.trainer
+
+    hub = _LocalHub(tmp_path / "hub")
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    common = dict(save_strategy="steps", save_steps=3)
+    full, _ = train_tiny(tmp_path / "full", **common)
+    full.train()
+    first, _ = train_tiny(tmp_path / "run", push_to_hub=True, hub_strategy="checkpoint", save_total_limit=1, **common)
+    first.add_callback(_StopAt(3))
+    first.train()
+    pushed = tmp_path / "hub" / "last-checkpoint"
+    assert (pushed / "sparse_state.safetensors").is_file()
+    resumed, _ = train_tiny(tmp_path / "elsewhere", **common)
+    resumed.train(resume_from_checkpoint=str(pushed))
+    _resumed_matches(full, resumed)
+
+
+def test_load_best_model_at_end_restores_the_masks_of_the_best_step(tmp_path):
+    ref: list = []
+    recorder = StepRecorder(ref)
+    args = make_args(tmp_path, mask_update_interval=1, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                     save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss")
+    trainer = SparseTrainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(), eval_dataset=TokenDataset(4),
+                            callbacks=[recorder])
+    ref.append(trainer)
+    eval_losses = {2: 1.0, 4: 0.5, 6: 2.0}  # step 4 is best; masks change every step, so step 6's differ
+
+    def evaluate(*args, **kwargs):
+        metrics = {"eval_loss": eval_losses[trainer.state.global_step]}
+        trainer.log(metrics)
+        return metrics
+
+    trainer.evaluate = evaluate
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
+    best = {name: layer.sparse_mask.clone() for name, layer in trainer.sparse_layers.items()}
+    assert all(torch.equal(best[name], recorder.masks[3][name]) for name in best)
+    assert any(not torch.equal(best[name], recorder.masks[5][name]) for name in best)
+
+
+def test_a_checkpoint_of_other_layers_is_refused(tmp_path):
+    trainer, _ = train_tiny(tmp_path)
+    state = trainer.sparse_state_dict()
+    state.pop("model.layers.0.mlp.up_proj.mask")
+    with pytest.raises(SparseStateError, match="1 missing, 0 unexpected"):
+        trainer.load_sparse_state_dict(state)
+    with pytest.raises(FileNotFoundError, match="sparse_state.safetensors is missing"):
+        trainer.load_sparse_state(tmp_path)
 
 
 class _StopAt(TrainerCallback):
@@ -304,7 +433,7 @@ def test_flip_series_reads_trainer_state(tmp_path):
 def test_ast_boosted_trains_slorb_jointly_and_exports_base_plus_adapter(tmp_path):
     from peft import PeftModel
 
-    trainer, recorder = train_tiny(tmp_path, slorb_k=16, finalize_at_end=False, max_steps=4)
+    trainer, recorder = train_tiny(tmp_path, slorb_k=16, max_steps=4)
     model = trainer.model
     assert isinstance(model, PeftModel)
     assert model.base_model.model.model.norm.weight.requires_grad  # trained jointly like in AST-Naive
@@ -317,7 +446,9 @@ def test_ast_boosted_trains_slorb_jointly_and_exports_base_plus_adapter(tmp_path
     assert len(recorder.masks) == 4
     assert all(not torch.equal(p, S0[n]) for n, p in model.named_parameters() if "slorb_S" in n)
     assert not torch.equal(layer.weight, w0)  # dense base trains jointly
-    assert "model.layers.0.mlp.down_proj" in trainer.sparse_state_dict()["layers"]
+    state = trainer.sparse_state_dict()
+    assert state["model.layers.0.mlp.down_proj.mask"].dtype == torch.bool
+    assert torch.equal(state["base_model.model.model.layers.0.mlp.down_proj.base_layer.weight"], layer.weight)
     x = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         logits = model(x).logits
@@ -345,7 +476,7 @@ def test_frozen_mask_slorb_mean_init_reads_the_pruned_weights_before_they_are_ze
 
 
 def test_ast_boosted_can_train_the_slorb_projection(tmp_path):
-    trainer, _ = train_tiny(tmp_path, slorb_k=16, slorb_trainable_projection=True, finalize_at_end=False, max_steps=2)
+    trainer, _ = train_tiny(tmp_path, slorb_k=16, slorb_trainable_projection=True, max_steps=2)
     projections = {n: p for n, p in trainer.model.named_parameters() if "slorb_X" in n}
     assert projections and all(p.requires_grad for p in projections.values())
     before = {n: p.detach().clone() for n, p in projections.items()}

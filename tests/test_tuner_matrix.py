@@ -14,8 +14,8 @@ from peft_tiny_models import tiny_gpt2, tiny_llama, token_batch
 from torch import nn
 
 from peft_sparse import SLoRBConfig, SPPConfig
-from peft_sparse.sparsity import follows_nm
 from peft_sparse.modeling import out_in
+from peft_sparse.sparsity import follows_nm
 
 
 @dataclass(frozen=True)

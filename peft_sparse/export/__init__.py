@@ -7,7 +7,7 @@ from .semi_structured import to_semi_structured
 
 register()  # on import: from_pretrained of a packed checkpoint needs quant_method "peft_sparse" known
 
-from .hub import push_to_hub
+from .hub import push_to_hub  # noqa: E402 (after register(): the Hub helpers load packed checkpoints)
 
 __all__ = [
            "FORMATS",

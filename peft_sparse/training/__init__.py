@@ -1,6 +1,10 @@
-"""Adaptive Sparse Training (AST): dynamic N:M masks, annealed SR-STE, KL distillation, SLoRB boosting."""
+"""Adaptive Sparse Training (AST): dynamic N:M masks, annealed SR-STE, KL distillation, SLoRB boosting.
 
-from .config import SparseTrainingArguments
+``SparseSFTTrainer`` / ``SparseSFTConfig`` (TRL) load on first use, so ``import peft_sparse.training`` does not import
+trl.
+"""
+
+from .config import SparseArgumentsMixin, SparseTrainingArguments
 from .data import TokenWindowDataset
 from .layers import (
     MaskedWeight,
@@ -10,21 +14,38 @@ from .layers import (
     detach_sparse_layer,
     finalize_sparse_layers,
 )
-from .losses import kl_distill_sum
+from .losses import chunked_kl_distill_sum, kl_distill_sum
 from .optim import SparseAdamW
 from .plot import plot_flip_rates
 from .schedule import srste_lambda
-from .trainer import SparseTrainer
+from .trainer import SparseScheduleCallback, SparseTrainer, SparseTrainingMixin
+
+_TRL_NAMES = ("SparseSFTConfig", "SparseSFTTrainer")
+
+
+def __getattr__(name: str):
+    if name in _TRL_NAMES:  # TRL is imported on first use only: it is slow to import
+        from . import sft
+
+        return getattr(sft, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "MaskedWeight",
     "SparseAdamW",
+    "SparseArgumentsMixin",
     "SparseConv1D",
     "SparseLinear",
+    "SparseSFTConfig",
+    "SparseSFTTrainer",
+    "SparseScheduleCallback",
     "SparseTrainer",
     "SparseTrainingArguments",
+    "SparseTrainingMixin",
     "TokenWindowDataset",
     "attach_sparse_layers",
+    "chunked_kl_distill_sum",
     "detach_sparse_layer",
     "finalize_sparse_layers",
     "kl_distill_sum",

@@ -1,47 +1,86 @@
-"""SparseTrainer: Adaptive Sparse Training (AST) as a thin :class:`transformers.Trainer` subclass.
+"""SparseTrainer: Adaptive Sparse Training (AST) as a Trainer callback plus a distillation term.
 
-Per optimizer step ``t`` (set up before the first micro-batch's forward):
+The sparse work is split along transformers' extension points, so the same lines serve ``Trainer`` and TRL's
+``SFTTrainer`` (:mod:`peft_sparse.training.sft`):
 
-* every ``mask_update_interval`` steps the masked layers recompute their N:M magnitude masks from the live dense
-  weights inside their forward, and the flip rate / initial flip rate (paper section 3.3) are logged;
-* the annealed SR-STE decay ``λ(t)`` is handed to :class:`SparseAdamW` (placements ``"step"`` and ``"update"``) or
-  to the layers' straight-through backward (``"gradient"``, divided by the micro-batch count so gradient
-  accumulation and DDP averaging leave ``λ`` unchanged);
-* with a teacher, the loss is ``CE + α·T²·KL(teacher‖student)``, normalised like the CE term.
+* :class:`SparseScheduleCallback` runs once per optimizer step (``on_step_begin``, before the first micro-batch):
+  every ``mask_update_interval`` steps it flags the masked layers to recompute their N:M magnitude masks inside their
+  next forward (the only place a sharded weight is whole), and it hands the annealed SR-STE decay ``λ(t)`` to
+  :class:`SparseAdamW` (placements ``"step"`` / ``"update"``) or to the layers' straight-through backward
+  (``"gradient"``, divided by the micro-batch count so accumulation and DDP averaging leave ``λ`` unchanged). After
+  a mask update it asks for a log line with the flip rates (paper section 3.3).
+* :class:`SparseTrainingMixin` puts the ``α·T²·KL(teacher‖student)`` term into ``compute_loss`` (normalised like the
+  CE term), writes the sparse state next to every saved model (``save_model``), reads it back on resume, and
+  :meth:`~SparseTrainingMixin.finalize` hard-prunes to the final masks when the user asks for it.
 
-Checkpoints hold the dense weights (plain ``save_pretrained``) plus ``sparse_state.pt`` (current and initial masks);
-the schedule step is the Trainer's ``global_step``. :meth:`SparseTrainer.finalize` hard-prunes to the final masks.
+Checkpoints hold the dense weights (plain ``save_pretrained``) plus ``sparse_state.safetensors``: flat keys
+``"{module}.mask"`` and ``"{module}.initial_mask"`` (bool), and with SLoRB the trainable base parameters under their
+own names. The schedule step is the Trainer's ``global_step``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 
+import safetensors.torch
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import AutoModelForCausalLM, Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import SparsityConfig
+from ..errors import InputNotFoundError, SparseConfigError, SparseStateError
 from ..export.formats import detach_quantizer, save_pretrained
 from ..modeling import out_in, select_sparse_modules
 from ..sparsity import nm_violations
-from .config import SparseTrainingArguments
+from .config import SparseArgumentsMixin
 from .layers import attach_sparse_layers, finalize_sparse_layers
-from .losses import kl_distill_sum, shifted_token_mask
+from .losses import chunked_kl_distill_sum, scored_rows
 from .optim import OPTIMIZER_PLACEMENTS, SparseAdamW
 from .schedule import resolve_ramp_steps, srste_lambda
 
 logger = logging.getLogger(__name__)
 
-SPARSE_STATE_NAME = "sparse_state.pt"
+SPARSE_STATE_NAME = "sparse_state.safetensors"
+MASK_SUFFIXES = (".mask", ".initial_mask")
 
 
-class SparseTrainer(Trainer):
-    """Retrain a dense (or one-shot pruned) model into an N:M sparse one (AST-Naive; AST-Boosted with SLoRB).
+class SparseScheduleCallback(TrainerCallback):
+    """The per-optimizer-step AST schedule of a :class:`SparseTrainingMixin` trainer (mask updates, λ(t), flips)."""
+
+    def __init__(self, trainer: SparseTrainingMixin):
+        self.trainer = trainer
+        self.pending_metrics: dict[str, float] = {}
+        self._updating = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        decay = trainer.current_srste_decay()
+        steps = trainer.current_gradient_accumulation_steps
+        in_backward = 0.0 if trainer.optimizer_applies_decay else decay / steps
+        self._updating = not args.frozen_mask and state.global_step > 0 and (
+            state.global_step % args.mask_update_interval == 0
+        )
+        for layer in trainer.sparse_layers.values():
+            layer.sparse_decay = in_backward
+            layer.sparse_update_pending = self._updating
+        if trainer.optimizer_applies_decay:
+            for group in trainer.optimizer.param_groups:
+                group["srste_decay"] = decay
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._updating:  # the masks were recomputed in this step's first forward
+            self.pending_metrics = self.trainer.flip_metrics()
+            control.should_log = True  # merged into this step's log line by SparseTrainingMixin.log
+            self._updating = False
+
+
+class SparseTrainingMixin:
+    """Everything sparse about a trainer; mix it in before a ``transformers.Trainer`` subclass.
 
     Args:
         model: the student (a plain transformers model, dense or pruned by :func:`peft_sparse.prune`); its Linear
@@ -49,27 +88,31 @@ class SparseTrainer(Trainer):
             :func:`peft_sparse.prune` selects them) train dense behind a ``W ⊙ m`` forward.
             With ``args.slorb_k`` (AST-Boosted) the trainer wraps it in a SLoRB :class:`peft.PeftModel` whose
             adapters are mean-initialised from the initial masks and train jointly with the dense weights.
-        args: :class:`SparseTrainingArguments`.
+        args: arguments with the sparse fields (:class:`~peft_sparse.SparseTrainingArguments`,
+            :class:`~peft_sparse.SparseSFTConfig`).
         teacher: frozen dense teacher (a model or a path) for the KL term; kept in eval mode on the student's device,
             never trained and never saved.
-        **kwargs: the other :class:`~transformers.Trainer` arguments.
+        **kwargs: the other arguments of the trainer class.
     """
 
-    def __init__(self, model: nn.Module | None = None, args: SparseTrainingArguments | None = None, *,
+    def __init__(self, model: nn.Module | None = None, args: SparseArgumentsMixin | None = None, *,
                  teacher: nn.Module | str | None = None, **kwargs):
-        _check_inputs(model, args, teacher, kwargs)
+        _check_inputs(type(self).__name__, model, args, teacher, kwargs)
         detach_quantizer(model)  # a packed-loaded model trains as a plain one; finalize saves it packed again
-        self.teacher = _prepare_teacher(teacher, model, args.device)
+        self.teacher = _prepare_teacher(teacher, model, args)
         self.sparse_layers = _attach_sparse_layers(model, args, self.teacher)
         if args.slorb_k is not None:  # before zeroing: the mean init reads the pruned weights
             model = _add_slorb(model, self.sparse_layers, args)
         if args.frozen_mask:
             _zero_pruned(self.sparse_layers)
         super().__init__(model=model, args=args, **kwargs)
-        self._prepared_step = -1
+        self.sparse_schedule = SparseScheduleCallback(self)
+        self.add_callback(self.sparse_schedule)
+
+    # ---- optimizer and schedule ----
 
     def create_optimizer(self, model=None):
-        if self.optimizer is None and self._optimizer_decay:
+        if self.optimizer is None and self.optimizer_applies_decay:
             masks = {layer.weight: layer.mask_values for layer in self.sparse_layers.values()}
             kwargs = dict(lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
                           eps=self.args.adam_epsilon, masks=masks, placement=self.args.srste_placement)
@@ -80,11 +123,9 @@ class SparseTrainer(Trainer):
         return super().create_optimizer(model)
 
     @property
-    def _optimizer_decay(self) -> bool:
+    def optimizer_applies_decay(self) -> bool:
         """The decay is applied by :class:`SparseAdamW` (else in the backward, or not at all)."""
         return self.args.srste_placement in OPTIMIZER_PLACEMENTS and not self.args.frozen_mask
-
-    # ---- per-step sparse schedule ----
 
     def current_srste_decay(self) -> float:
         """Annealed SR-STE decay λ at the current optimizer step (0 for frozen-mask training)."""
@@ -92,32 +133,6 @@ class SparseTrainer(Trainer):
             return 0.0
         ramp = resolve_ramp_steps(self.args.srste_ramp_steps, self.state.max_steps)
         return srste_lambda(self.state.global_step, self.args.srste_decay, ramp)
-
-    def _begin_sparse_step(self) -> bool:
-        """Set decay and mask-update flags once per optimizer step; True if this step recomputes masks."""
-        step = self.state.global_step
-        if step == self._prepared_step:
-            return False
-        self._prepared_step = step
-        decay = self.current_srste_decay()
-        in_backward = 0.0 if self._optimizer_decay else decay / self.current_gradient_accumulation_steps
-        update = not self.args.frozen_mask and step > 0 and step % self.args.mask_update_interval == 0
-        for layer in self.sparse_layers.values():
-            layer.sparse_decay = in_backward
-            layer.sparse_update_pending = update
-        if self._optimizer_decay:
-            for group in self.optimizer.param_groups:
-                group["srste_decay"] = decay
-        return update
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if not self.sparse_layers:
-            raise RuntimeError("This SparseTrainer was finalized (hard-pruned); build a new one to train again.")
-        updated = self._begin_sparse_step()
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if updated:
-            self.log(self.flip_metrics())
-        return loss
 
     def flip_metrics(self) -> dict[str, float]:
         """Flip rate and initial flip rate of the last mask update (fraction of all masked weights that changed)."""
@@ -127,6 +142,11 @@ class SparseTrainer(Trainer):
         return {"flip_rate": flips / total, "initial_flip_rate": initial / total,
                 "srste_decay": self.current_srste_decay()}
 
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        logs.update(self.sparse_schedule.pending_metrics)
+        self.sparse_schedule.pending_metrics = {}
+        super().log(logs, *args, **kwargs)
+
     # ---- loss ----
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -134,83 +154,136 @@ class SparseTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.get("labels")
         if labels is None:
-            raise ValueError("Distillation needs `labels` in the batch to know which positions are scored.")
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        with torch.no_grad():
-            teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
-            teacher_logits = self.teacher(**teacher_inputs).logits
-        valid = shifted_token_mask(labels)
-        kl = kl_distill_sum(outputs.logits[:, :-1][valid], teacher_logits[:, :-1][valid], self.args.distill_temperature)
-        loss = loss + self.args.distill_alpha * kl * self._kl_scale(valid, num_items_in_batch)
-        return (loss, outputs) if return_outputs else loss
+            raise SparseConfigError("Distillation needs `labels` in the batch to know which positions are scored.")
+        student = _language_model(self.accelerator.unwrap_model(model))
+        with _capture_student(student) as captured:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        rows = scored_rows(labels)
+        kl = self._distill_sum(student, captured, self._teacher_logits(inputs), rows)
+        loss = loss + self.args.distill_alpha * kl * self._kl_scale(rows.numel(), num_items_in_batch)
+        return (loss, result[1]) if return_outputs else loss
 
-    def _kl_scale(self, valid: torch.Tensor, num_items_in_batch) -> float | torch.Tensor:
-        """Normalise the KL sum exactly like ``Trainer.compute_loss`` normalised the CE term.
+    def _teacher_logits(self, inputs: dict) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.teacher(**{k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}).logits
 
-        With loss kwargs the CE is a sum over ``num_items_in_batch`` (all micro-batches, all devices when
-        ``average_tokens_across_devices``), multiplied back by the process count to undo DDP's gradient averaging;
-        otherwise it is a per-micro-batch mean, which ``training_step`` then divides by the accumulation steps.
+    def _distill_sum(self, student: nn.Module, captured: dict, teacher_logits: torch.Tensor, rows) -> torch.Tensor:
+        """The summed KL over ``rows``, from the student's full logits when its forward built them.
+
+        TRL's fused LM head never builds them, so then the scored rows of the captured hidden states are projected
+        through the student's output layer once more.
         """
-        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
-            return 1.0 / valid.sum().clamp(min=1)
+        temperature = self.args.distill_temperature
+        logits, hidden = captured.get("logits"), captured["hidden"]
+        if logits is not None and logits.shape[:-1] == hidden.shape[:-1]:
+            return chunked_kl_distill_sum(logits, teacher_logits, temperature, rows)
+        selected = hidden.flatten(0, -2).index_select(0, rows)
+        student_logits = student.get_output_embeddings()(selected)
+        teacher_rows = teacher_logits.flatten(0, -2).index_select(0, rows.to(teacher_logits.device))
+        return chunked_kl_distill_sum(student_logits, teacher_rows.to(student_logits.device), temperature)
+
+    def _ce_sums_over_batch(self, num_items_in_batch) -> bool:
+        """Whether the CE term is a sum divided by ``num_items_in_batch`` (else a per-micro-batch mean)."""
+        return self.model_accepts_loss_kwargs and num_items_in_batch is not None
+
+    def _kl_scale(self, scored: int, num_items_in_batch) -> float | torch.Tensor:
+        """Normalise the KL sum exactly like the trainer's ``compute_loss`` normalised the CE term.
+
+        A CE summed over ``num_items_in_batch`` (all micro-batches, all devices when ``average_tokens_across_devices``)
+        is multiplied back by the process count to undo DDP's gradient averaging; a per-micro-batch mean is divided
+        by the accumulation steps in ``training_step``, for both terms alike.
+        """
+        if not self._ce_sums_over_batch(num_items_in_batch):
+            return 1.0 / max(scored, 1)
         scale = 1.0 / num_items_in_batch
         if self.args.average_tokens_across_devices:
             scale = scale * (self.accelerator.num_processes // self.get_tp_size())
         return scale
 
-    # ---- checkpoints and export ----
+    # ---- checkpoints ----
 
-    def sparse_state_dict(self) -> dict:
-        """Masks, plus (with SLoRB) the trainable base parameters a PEFT checkpoint does not hold."""
-        state = {
-            name: {"mask": layer.sparse_mask.cpu(), "initial_mask": layer.initial_mask.cpu()}
-            for name, layer in self.sparse_layers.items()
-        }
-        return {"layers": state, "base_parameters": {name: p.detach().cpu() for name, p in self._base_parameters()}}
-
-    def load_sparse_state_dict(self, state: dict) -> None:
-        missing = sorted(set(self.sparse_layers) - set(state["layers"]))
-        if missing:
-            raise ValueError(f"Sparse checkpoint lacks masks for {len(missing)} layers, e.g. {missing[0]!r}.")
+    def sparse_state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors: ``"{module}.mask"``, ``"{module}.initial_mask"`` and (SLoRB) the trainable base parameters."""
+        state = {}
         for name, layer in self.sparse_layers.items():
-            layer.sparse_mask.copy_(state["layers"][name]["mask"])
-            layer.initial_mask.copy_(state["layers"][name]["initial_mask"])
-        with torch.no_grad():
-            for name, param in self._base_parameters():
-                param.copy_(state["base_parameters"][name])
+            state[f"{name}.mask"] = layer.sparse_mask.detach().cpu().contiguous()
+            state[f"{name}.initial_mask"] = layer.initial_mask.detach().cpu().contiguous()
+        for name, param in self._base_parameters():
+            state[name] = param.detach().cpu().contiguous()
+        return state
 
-    def _base_parameters(self):
+    def load_sparse_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`sparse_state_dict`; refuses a state written for other layers before changing anything."""
+        base = dict(self._base_parameters())
+        expected = {f"{name}{suffix}" for name in self.sparse_layers for suffix in MASK_SUFFIXES} | set(base)
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            example = (missing or unexpected)[0]
+            raise SparseStateError(
+                f"The sparse state does not match this trainer's sparse layers ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected, e.g. {example!r}): resume with the same model, targets/ignore and "
+                "slorb_k as the run that wrote it."
+            )
+        with torch.no_grad():
+            for name, layer in self.sparse_layers.items():
+                layer.sparse_mask.copy_(state[f"{name}.mask"])
+                layer.initial_mask.copy_(state[f"{name}.initial_mask"])
+            for name, param in base.items():
+                param.copy_(state[name])
+
+    def _base_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Trainable non-adapter parameters of a PeftModel student (nothing for a plain model: its save has them)."""
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, PeftModel):
             return []
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad and "slorb_" not in n]
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(self.sparse_state_dict(), os.path.join(folder, SPARSE_STATE_NAME))
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as the trainer does, plus the sparse state: every checkpoint (and its Hub push) carries the masks."""
+        super().save_model(output_dir, _internal_call)
+        if self.sparse_layers and self.args.should_save:
+            path = os.path.join(output_dir or self.args.output_dir, SPARSE_STATE_NAME)
+            safetensors.torch.save_file(self.sparse_state_dict(), path, metadata={"format": "pt"})
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, SPARSE_STATE_NAME)
+    def load_sparse_state(self, checkpoint: str | os.PathLike) -> None:
+        """Read ``sparse_state.safetensors`` from a checkpoint directory written by :meth:`save_model`."""
+        path = os.path.join(checkpoint, SPARSE_STATE_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by SparseTrainer.")
-        self.load_sparse_state_dict(torch.load(path, map_location="cpu"))
+            raise InputNotFoundError(
+                f"{path} is missing: {checkpoint} was not saved by a sparse trainer (or was finalized), so its masks "
+                "are unknown."
+            )
+        self.load_sparse_state_dict(safetensors.torch.load_file(path))
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
-        if self.args.finalize_at_end:
-            self.finalize()
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``Trainer.train`` that also restores the masks on resume and with ``load_best_model_at_end``.
+
+        Training never finalizes: the trainer can train again (or resume) afterwards; call :meth:`finalize` to
+        hard-prune when done.
+        """
+        if not self.sparse_layers:
+            raise SparseStateError("This trainer was finalized (hard-pruned); build a new one to train again.")
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise InputNotFoundError(f"No checkpoint to resume from in {self.args.output_dir}.")
+        if resume_from_checkpoint:
+            self.load_sparse_state(resume_from_checkpoint)
+        output = super().train(resume_from_checkpoint or None, *args, **kwargs)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self.load_sparse_state(self.state.best_model_checkpoint)  # the Trainer restored that step's weights
         return output
+
+    # ---- export ----
 
     def finalize(self, output_dir: str | None = None, save_format: str = "dense") -> None:
         """Hard-prune every sparse layer to its current mask and restore plain modules; save if ``output_dir``.
 
-        Afterwards the weights are exactly N:M in ordinary transformers modules, so the saved checkpoint loads without
-        peft_sparse. With SLoRB (AST-Boosted) ``output_dir`` gets the N:M base model and ``output_dir/slorb`` the
-        adapter (``PeftModel.from_pretrained(base, output_dir + "/slorb")`` after ``import peft_sparse``).
+        This ends sparse training (the trainer refuses to train afterwards). The weights are then exactly N:M in
+        ordinary transformers modules, so the saved checkpoint loads without peft_sparse. With SLoRB (AST-Boosted)
+        ``output_dir`` gets the N:M base model and ``output_dir/slorb`` the adapter
+        (``PeftModel.from_pretrained(base, output_dir + "/slorb")`` after ``import peft_sparse``).
         ``save_format`` is a ``peft_sparse.export.FORMATS`` name: ``"dense"`` (exact zeros) or ``"packed"``.
         """
         finalize_sparse_layers(self.model_wrapped, self.sparse_layers, self.args.sparsity_pattern)
@@ -249,15 +322,53 @@ class SparseTrainer(Trainer):
         self.model_card(tags=tags).save(os.path.join(self.args.output_dir, "README.md"))
 
 
-def _prepare_teacher(teacher: nn.Module | str | None, student: nn.Module, device) -> nn.Module | None:
+class SparseTrainer(SparseTrainingMixin, Trainer):
+    """Retrain a dense (or one-shot pruned) model into an N:M sparse one (AST-Naive; AST-Boosted with SLoRB).
+
+    ``transformers.Trainer`` plus :class:`SparseScheduleCallback` and the KL term; arguments as in
+    :class:`SparseTrainingMixin`, with :class:`~peft_sparse.SparseTrainingArguments`.
+    """
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    """The transformers model itself, inside a possible PeftModel."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+@contextlib.contextmanager
+def _capture_student(model: nn.Module):
+    """Record the backbone's last hidden states and the output layer's logits during one forward."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_hidden(module, args, output):
+        captured["hidden"] = output[0]
+
+    def keep_logits(module, args, output):
+        captured["logits"] = output
+
+    handles = [model.base_model.register_forward_hook(keep_hidden),
+               model.get_output_embeddings().register_forward_hook(keep_logits)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _prepare_teacher(teacher: nn.Module | str | None, student: nn.Module, args) -> nn.Module | None:
+    """The frozen teacher on the training device, in ``args.teacher_dtype`` (a converted copy: the caller's model
+    keeps its dtype)."""
     if teacher is None:
         return None
+    dtype = getattr(torch, args.teacher_dtype) if args.teacher_dtype else None
     if isinstance(teacher, (str, os.PathLike)):
-        teacher = AutoModelForCausalLM.from_pretrained(teacher, dtype=student.dtype)
-    return teacher.requires_grad_(False).eval().to(device)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype or student.dtype)
+    elif dtype is not None and teacher.dtype != dtype:
+        teacher = copy.deepcopy(teacher).to(dtype)
+    return teacher.requires_grad_(False).eval().to(args.device)
 
 
-def _attach_sparse_layers(model: nn.Module, args: SparseTrainingArguments, teacher) -> dict[str, nn.Module]:
+def _attach_sparse_layers(model: nn.Module, args: SparseArgumentsMixin, teacher) -> dict[str, nn.Module]:
     """Swap the targets to masked layers with their initial masks (magnitude, or the given pruned structure)."""
     pattern = args.sparsity_pattern
     if args.mask_init == "pruned":
@@ -278,9 +389,9 @@ def _zero_pruned(layers: dict[str, nn.Module]) -> None:
         layer.weight.mul_(layer.sparse_mask)
 
 
-def _add_slorb(model: nn.Module, layers: dict[str, nn.Module], args: SparseTrainingArguments) -> PeftModel:
+def _add_slorb(model: nn.Module, layers: dict[str, nn.Module], args: SparseArgumentsMixin) -> PeftModel:
     """AST-Boosted: SLoRB on every sparse layer, mean-initialised from its initial mask, trained with the model."""
-    from ..tuners import SLoRBConfig, get_slorb_model  # lazy: the tuners register themselves with peft
+    from ..tuners import SLoRBConfig, get_slorb_model
 
     config = SLoRBConfig(k=args.slorb_k, init=args.slorb_init, pattern=None, prune_base=False, trainable_base=True,
                          trainable_projection=args.slorb_trainable_projection, target_modules=list(layers))
@@ -291,22 +402,25 @@ def _add_slorb(model: nn.Module, layers: dict[str, nn.Module], args: SparseTrain
     return boosted
 
 
-def _check_inputs(model, args, teacher, kwargs) -> None:
+def _check_inputs(trainer: str, model, args, teacher, kwargs) -> None:
     """Reject bad combinations before the Trainer does any setup work."""
-    if not isinstance(args, SparseTrainingArguments):
-        raise TypeError(f"SparseTrainer needs SparseTrainingArguments, got {type(args).__name__}.")
-    if model is None:
-        raise ValueError("SparseTrainer needs a model (model_init is not supported).")
+    if not isinstance(args, SparseArgumentsMixin):
+        raise TypeError(f"{trainer} needs arguments with the sparse fields (SparseTrainingArguments or "
+                        f"SparseSFTConfig), got {type(args).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise SparseConfigError(f"{trainer} needs a loaded model (model_init and model names are not supported).")
     if teacher is not None and teacher is model:
-        raise ValueError("The teacher must be a separate frozen copy of the dense model, not the student itself.")
+        raise SparseConfigError("The teacher must be a separate frozen copy of the dense model, not the student.")
     if args.pruned_values == "teacher" and teacher is None:
-        raise ValueError("pruned_values='teacher' copies pruned weights from the teacher; pass teacher=.")
+        raise SparseConfigError("pruned_values='teacher' copies pruned weights from the teacher; pass teacher=.")
     optimizer = kwargs.get("optimizers", (None, None))[0]
     if optimizer is not None and args.srste_placement in OPTIMIZER_PLACEMENTS and not args.frozen_mask:
-        raise ValueError(
-            f"srste_placement={args.srste_placement!r} needs SparseTrainer to build its SparseAdamW; drop "
+        raise SparseConfigError(
+            f"srste_placement={args.srste_placement!r} needs {trainer} to build its SparseAdamW; drop "
             "`optimizers=` or use srste_placement='gradient' (decay added to the gradient) with your own optimizer."
         )
+    if kwargs.get("peft_config") is not None:
+        raise SparseConfigError(f"{trainer} does not take peft_config: AST-Boosted's SLoRB comes from `slorb_k`.")
 
 
 def _check_pruned(model: nn.Module, pattern, targets, ignore) -> None:
@@ -315,7 +429,7 @@ def _check_pruned(model: nn.Module, pattern, targets, ignore) -> None:
     for name, module in select_sparse_modules(model, targets, ignore).items():
         bad = nm_violations(out_in(module), pattern.n, pattern.m)
         if bad:
-            raise ValueError(
+            raise SparseConfigError(
                 f"mask_init='pruned' but {name} is not {pattern} sparse ({bad} groups too dense): prune the model "
                 "first with peft_sparse.prune(...) or use mask_init='magnitude'."
             )
@@ -326,8 +440,10 @@ def _restore_pruned_values(layers: dict[str, nn.Module], teacher: nn.Module) -> 
     """Copy the teacher's dense values into the pruned entries, so a flipped-back weight resumes its dense value."""
     teacher_params = dict(teacher.named_parameters())
     for name, layer in layers.items():
-        key = name.removeprefix("base_model.model.").replace(".base_layer", "") + ".weight"
+        key = f"{name}.weight"  # layers are attached before SLoRB wraps the model: plain module names
         if key not in teacher_params or teacher_params[key].shape != layer.weight.shape:
-            raise ValueError(f"The teacher has no weight matching {name!r}; it must share the student's architecture.")
+            raise SparseConfigError(
+                f"The teacher has no weight matching {name!r}; it must share the student's architecture."
+            )
         source = teacher_params[key].to(layer.weight.device, layer.weight.dtype)
         layer.weight.copy_(torch.where(layer.sparse_mask, layer.weight, source))

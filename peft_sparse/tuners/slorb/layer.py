@@ -14,9 +14,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ...modeling import check_sparse_layer, out_in, to_storage
 from ...sparsity import SparsityPattern, apply_mask, pattern_mask
 from .._base import AdapterLinearMixin
-from ...modeling import check_sparse_layer, out_in, to_storage
 from .config import SLoRBConfig
 
 

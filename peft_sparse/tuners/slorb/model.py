@@ -11,8 +11,8 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from .._base import ReplacingTuner
 from ...modeling import out_in
+from .._base import ReplacingTuner
 from ..spp.model import TRANSFORMERS_MODELS_TO_SPP_TARGET_MODULES_MAPPING
 from .config import SLoRBConfig
 from .layer import SLoRBLayer, SLoRBLinear, check_slorb_target

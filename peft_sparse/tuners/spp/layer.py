@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .._base import AdapterLinearMixin
 from ...modeling import check_sparse_layer, out_in, to_storage
+from .._base import AdapterLinearMixin
 from .config import SPPConfig
 
 

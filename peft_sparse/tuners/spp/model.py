@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._base import ReplacingTuner
 from ...modeling import out_in
+from .._base import ReplacingTuner
 from .config import SPPConfig
 from .layer import SPPLayer, SPPLinear, check_spp_target
 
