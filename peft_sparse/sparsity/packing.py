@@ -129,7 +129,7 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table[index]`` for a small table and a large uint8 ``index`` (``index_select``: far faster than indexing)."""
+    """``table[index]`` for a small table and a large integer ``index`` (``index_select``: far faster than indexing)."""
     return table.index_select(0, index.reshape(-1).to(torch.int32)).view(*index.shape, *table.shape[1:])
 
 
