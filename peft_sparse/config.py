@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .pruning.registry import get_pruner
+from .pruning.registry import PrunerOptions, get_pruner, get_refiner
 from .sparsity import SparsityPattern
 from .sparsity.packing import check_codec, default_codec
 from .sparsity.patterns import SCOPES
@@ -18,7 +18,7 @@ QUANT_METHOD = "peft_sparse"  # the name in config.json, and the pip package a r
 FORMAT_VERSION = 1  # of the packed layout (FORMAT.md); a newer one is refused with "upgrade peft_sparse"
 FORMATS = ("packed", "dense")
 # How the sparsity was obtained: kept for provenance, never needed to load, so from_dict takes unknown values.
-RECIPE_FIELDS = ("method", "method_options", "nsamples", "seqlen", "seed")
+RECIPE_FIELDS = ("method", "method_options", "refine", "refine_options", "nsamples", "seqlen", "seed")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class SparsityConfig(QuantizationConfigMixin):
       ``provenance``; a config built in code still rejects typos.
 
     Args:
-        method: registered pruner name (``"magnitude"``, ``"wanda"``, ``"sparsegpt"``).
+        method: registered pruner name (``"magnitude"``, ``"wanda"``, ``"sparsegpt"``, ``"wrp"``).
         pattern: ``"N:M"`` = keep N of every M consecutive input weights (default ``"2:4"``).
         sparsity: unstructured ratio of zeros instead of ``pattern`` (e.g. ``0.5``).
         sparsity_scope: for unstructured, compare weights per output ``"row"`` or per ``"layer"``.
@@ -43,7 +43,10 @@ class SparsityConfig(QuantizationConfigMixin):
             decoder blocks. Embeddings and ``lm_head`` are never targets unless named here.
         ignore: regular expressions of module names to leave dense.
         nsamples / seqlen / seed: calibration windows (count, tokens each, sampling seed).
-        method_options: options of the chosen method, e.g. ``{"blocksize": 128, "percdamp": 0.01}`` for SparseGPT.
+        method_options: options of the chosen method, e.g. ``{"blocksize": 128, "percdamp": 0.01}`` for SparseGPT,
+            ``{"alpha": 0.25}`` or ``{"block_size": 32, "blocks_per_row": 2}`` for WRP.
+        refine: registered refiner run after the method on every layer it applies to (``"dsnot"``), or ``None``.
+        refine_options: options of the refiner, e.g. ``{"max_cycles": 50, "eps": 0.1, "layers": "all"}``.
         format: how ``peft_sparse.save_pretrained`` writes it: ``"packed"`` (values + positions, N:M only) or
             ``"dense"`` (exact zeros); ``None`` = packed for N:M, dense for unstructured.
         codec: packed position code, ``"b6x3"`` (2:4) or ``"bitmask"`` (any N:M); ``None`` = the smallest.
@@ -62,6 +65,8 @@ class SparsityConfig(QuantizationConfigMixin):
     seqlen: int = 2048
     seed: int = 0
     method_options: dict[str, Any] = field(default_factory=dict)
+    refine: str | None = None
+    refine_options: dict[str, Any] = field(default_factory=dict)
     format: str | None = None
     codec: str | None = None
     modules: list[str] | None = None
@@ -112,6 +117,9 @@ class SparsityConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
                                  f"got {value!r}.")
         self.options  # noqa: B018  (validates method name and method_options)
+        if self.refine is None and self.refine_options:
+            raise ValueError(f"refine_options {sorted(self.refine_options)} given without a refiner; set refine='dsnot'.")
+        self.refiner_options  # noqa: B018  (validates refiner name and refine_options)
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
@@ -120,20 +128,26 @@ class SparsityConfig(QuantizationConfigMixin):
         return SparsityPattern(sparsity=float(self.sparsity), scope=self.sparsity_scope)
 
     @property
-    def options(self) -> Any:
+    def options(self) -> PrunerOptions:
         """The method's own options dataclass, built from ``method_options``."""
-        options_cls = get_pruner(self.method).Options
-        known = {f.name for f in dataclasses.fields(options_cls)}
-        unknown = sorted(set(self.method_options) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown option(s) {unknown} for method {self.method!r}; valid options: {sorted(known) or 'none'}."
-            )
-        options = options_cls(**self.method_options)
-        check_pattern = getattr(options, "check_pattern", None)  # e.g. SparseGPT needs M | blocksize
-        if check_pattern is not None:
-            check_pattern(self.sparsity_pattern)
-        return options
+        return _build_options(get_pruner(self.method).Options, self.method_options, f"method {self.method!r}", self)
+
+    @property
+    def refiner_options(self) -> PrunerOptions | None:
+        """The refiner's options dataclass, built from ``refine_options`` (``None`` without a refiner)."""
+        if self.refine is None:
+            return None
+        return _build_options(get_refiner(self.refine).Options, self.refine_options, f"refiner {self.refine!r}", self)
+
+    @property
+    def all_options(self) -> list[PrunerOptions]:
+        """Options of the method and of the refiner, for the per-layer checks run before any work."""
+        return [options for options in (self.options, self.refiner_options) if options is not None]
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether pruning needs calibration data: a data-driven method, or any refiner (DSnoT needs E[x], Var(x))."""
+        return get_pruner(self.method).needs_data or self.refine is not None
 
     @property
     def resolved_format(self) -> str:
@@ -166,3 +180,14 @@ class SparsityConfig(QuantizationConfigMixin):
             object.__setattr__(config, key, value)
         unused = config.update(**kwargs)
         return (config, unused) if return_unused_kwargs else config
+
+
+def _build_options(options_cls: type, values: dict[str, Any], owner: str, config: SparsityConfig) -> PrunerOptions:
+    """Build and check an options dataclass, naming the valid keys when one is unknown."""
+    known = {f.name for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown} for {owner}; valid options: {sorted(known) or 'none'}.")
+    options = options_cls(**values)
+    options.check_pattern(config.sparsity_pattern)
+    return options

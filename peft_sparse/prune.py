@@ -9,7 +9,6 @@ from torch import nn
 
 from .config import SparsityConfig
 from .pruning import engine
-from .pruning.registry import get_pruner
 from .pruning.report import PruneReport
 
 
@@ -29,7 +28,7 @@ def resolve_calibration(
     model: nn.Module, config: SparsityConfig, calibration: torch.Tensor | str | None, tokenizer: Any
 ) -> torch.Tensor | None:
     """Token ids ``(nsamples, seqlen)`` to calibrate with, or ``None`` for data-free methods (which ignore it)."""
-    if not get_pruner(config.method).needs_data:
+    if not config.needs_calibration:
         return None  # data-free: skip the capture and the two forward passes per block
     if isinstance(calibration, torch.Tensor):
         return _check_token_ids(calibration, model)
@@ -58,17 +57,19 @@ def prune(
 
     Args:
         model: a decoder-only ``transformers`` causal LM (Llama, Mistral, Qwen2, Gemma, Phi, OPT, GPT-2, ...).
-        config: what to prune and how.
+        config: what to prune and how (a method, optionally followed by a refiner such as DSnoT).
         calibration: token ids ``(nsamples, seqlen)``, or a dataset name / local file path resolved with
             ``tokenizer`` (``None``: the embedded default corpus). Data-free methods (magnitude) need none.
         tokenizer: used to tokenize a calibration source.
 
     Returns:
-        A :class:`PruneReport` with per-layer sparsity, reconstruction error and time.
+        A :class:`PruneReport` with per-layer sparsity, reconstruction error, time and extra non-zeros. With
+        ``method="wrp"`` each pruned layer becomes a :class:`peft_sparse.nn.RecoverLinear`;
+        :func:`peft_sparse.nn.merge_recovered` folds the recover matrices back into plain (no longer N:M) weights.
 
     Bad input (unknown layers, widths not divisible by M, missing calibration) raises before the model is touched.
     """
-    plan = engine.plan(model, config.sparsity_pattern, config.targets, config.ignore)
+    plan = engine.plan(model, config.sparsity_pattern, config.targets, config.ignore, config.all_options)
     ids = resolve_calibration(model, config, calibration, tokenizer)
     report = engine.run(model, config, plan, ids)
     model.peft_sparse_config = config  # what peft_sparse.save_pretrained(model, ...) writes

@@ -136,7 +136,7 @@ def _slow_sequential(model, config: SparsityConfig, ids: torch.Tensor, dense_sta
             hook.remove()
         with torch.no_grad():
             for n, m in names.items():
-                pruned, _ = pruner.prune(out_in(m).detach().float(), stats[n])
+                pruned = pruner.prune(out_in(m).detach().float(), stats[n]).weight
                 out_in(m).copy_(pruned)
     return {
         f"{prefix}.{i}.{n}": out_in(m).detach()

@@ -7,13 +7,26 @@ fp32 ``(out, in)`` matrices (transformers ``Conv1D`` weights are transposed by t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from ..sparsity import SparsityPattern
 from .registry import NoOptions
+
+
+@dataclass
+class PruneResult:
+    """What a pruner returns for one layer: the fp32 ``(out, in)`` weight, its bool keep mask, and extra tensors.
+
+    ``extras`` carries per-layer artefacts beyond the N:M weight, e.g. WRP's ``"recover"`` matrix; the engine turns
+    them into a module (see :mod:`peft_sparse.nn`) and counts their non-zeros in the report.
+    """
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,6 +73,65 @@ class Pruner:
     def accumulate(self, stats: Any, inp: torch.Tensor) -> None:
         """Fold one batch of layer inputs ``(..., in)`` into ``stats``."""
 
-    def prune(self, weight: torch.Tensor, stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (pruned fp32 weight, bool keep mask) for an fp32 ``(out, in)`` weight."""
+    def prune(self, weight: torch.Tensor, stats: Any) -> PruneResult:
+        """Prune an fp32 ``(out, in)`` weight given its statistics."""
         raise NotImplementedError
+
+    def prune_layer(self, name: str, weight: torch.Tensor, stats: Any) -> PruneResult:
+        """What the engine calls; composites (a pruner plus a refiner) use ``name`` to choose the layers they refine."""
+        return self.prune(weight, stats)
+
+
+class Refiner:
+    """Base class of registered refiners: statistics like a pruner's, then a pure function of the start result."""
+
+    Options: ClassVar[type] = NoOptions
+    name: ClassVar[str]
+
+    def __init__(self, options: Any, pattern: SparsityPattern) -> None:
+        self.options = options
+        self.pattern = pattern
+
+    def new_stats(self, in_features: int, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def accumulate(self, stats: Any, inp: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def applies_to(self, name: str) -> bool:
+        """Whether the layer called ``name`` is refined (the others keep the start pruner's result)."""
+        return True
+
+    def refine(self, dense: torch.Tensor, start: PruneResult, stats: Any) -> PruneResult:
+        raise NotImplementedError
+
+
+class Refined(Pruner):
+    """A pruner followed by a refiner, as one pruner: both statistics are collected in the same calibration pass.
+
+    The statistics are a pair, so the engine's sharing between layers fed the same input (q/k/v, gate/up) and the
+    start pruner's own caches (SparseGPT's prepared inverse) work unchanged. The pair always needs data.
+    """
+
+    needs_data = True
+
+    def __init__(self, pruner: Pruner, refiner: Refiner) -> None:
+        super().__init__(pruner.options, pruner.pattern)
+        self.pruner = pruner
+        self.refiner = refiner
+        self.name = f"{pruner.name}+{refiner.name}"
+
+    def new_stats(self, in_features: int, device: torch.device) -> tuple[Any, Any]:
+        return self.pruner.new_stats(in_features, device), self.refiner.new_stats(in_features, device)
+
+    def accumulate(self, stats: tuple[Any, Any], inp: torch.Tensor) -> None:
+        self.pruner.accumulate(stats[0], inp)
+        self.refiner.accumulate(stats[1], inp)
+
+    def prune(self, weight: torch.Tensor, stats: tuple[Any, Any]) -> PruneResult:
+        return self.refiner.refine(weight, self.pruner.prune(weight, stats[0]), stats[1])
+
+    def prune_layer(self, name: str, weight: torch.Tensor, stats: tuple[Any, Any]) -> PruneResult:
+        if self.refiner.applies_to(name):
+            return self.prune(weight, stats)
+        return self.pruner.prune(weight, stats[0])

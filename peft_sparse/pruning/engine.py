@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,10 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..modeling import find_decoder_blocks, out_in, select_sparse_modules
+from ..nn import RecoverLinear
 from ..sparsity import SparsityPattern
-from .base import Pruner
+from .base import Pruner, PruneResult, Refined
 from .magnitude import magnitude_prune
-from .registry import get_pruner
+from .registry import PrunerOptions, get_pruner, get_refiner
 from .report import LayerReport, PruneReport
 
 if TYPE_CHECKING:
@@ -80,7 +81,11 @@ class _Target:
 
 
 def plan(
-    model: nn.Module, pattern: SparsityPattern, targets: list[str] | None = None, ignore: list[str] | tuple = ()
+    model: nn.Module,
+    pattern: SparsityPattern,
+    targets: list[str] | None = None,
+    ignore: list[str] | tuple = (),
+    options: Sequence[PrunerOptions] = (),
 ) -> Plan:
     """Resolve and check blocks and targets (:func:`~peft_sparse.modeling.select_sparse_modules`); raises before
     anything is modified. Sequential pruning needs every target inside a decoder block."""
@@ -98,7 +103,10 @@ def plan(
             f"match {outside[:3]}; narrow `targets` or add them to `ignore`."
         )
     for name, module in selected.items():
-        pattern.check_width(out_in(module).shape[1], name)
+        shape = tuple(out_in(module).shape)
+        pattern.check_width(shape[1], name)
+        for method_options in options:
+            method_options.check_layer(shape, name)
     return Plan(blocks=blocks, targets=per_block)
 
 
@@ -203,29 +211,42 @@ def reconstruction_error(x: torch.Tensor, dense: torch.Tensor, pruned: torch.Ten
     return float((x @ (dense - pruned).t()).square().sum() / reference.clamp_min(torch.finfo(torch.float32).tiny))
 
 
-def _prune_target(target: _Target, pruner: Pruner, device: torch.device) -> LayerReport:
+def _prune_target(target: _Target, pruner: Pruner, device: torch.device) -> tuple[LayerReport, nn.Module | None]:
+    """Prune one target in place; returns its report and, when the result carries a recover matrix, its new module."""
     start = time.perf_counter()
     matrix = out_in(target.module)
     dense = matrix.detach().to(device=device, dtype=torch.float32)
     if pruner.needs_data and target.shared_stats is None:  # e.g. an MoE expert no calibration token reached
         logger.warning("%s received no calibration input; pruning it by magnitude instead.", target.name)
-        pruned, _ = magnitude_prune(dense, pruner.pattern)
+        result = PruneResult(*magnitude_prune(dense, pruner.pattern))
     else:
-        pruned, _ = pruner.prune(dense, target.shared_stats)
-    error = None if target.sample is None else reconstruction_error(target.sample, dense, pruned)
-    matrix.copy_(pruned.to(matrix.dtype))  # after the error: ``dense`` may share storage with the weight
+        result = pruner.prune_layer(target.name, dense, target.shared_stats)
+    recover = result.extras.get("recover")
+    effective = result.weight if recover is None else result.weight + recover
+    error = None if target.sample is None else reconstruction_error(target.sample, dense, effective)
+    matrix.copy_(result.weight.to(matrix.dtype))  # after the error: ``dense`` may share storage with the weight
     sparsity = float((matrix == 0).sum()) / matrix.numel()
-    return LayerReport(target.name, tuple(matrix.shape), sparsity, error, time.perf_counter() - start)
+    module = None if recover is None else RecoverLinear(target.module, recover, result.extras.get("recover_blocks"))
+    extra = 0 if module is None else module.extra_nonzeros
+    report = LayerReport(target.name, tuple(matrix.shape), sparsity, error, time.perf_counter() - start, extra)
+    return report, module
 
 
 def prune_block(
     block: nn.Module, modules: dict[str, nn.Module], pruner: Pruner, batches: list[Batch] | None, device: torch.device
 ) -> list[LayerReport]:
-    """Collect statistics for the block's targets (if there is data), then prune them all."""
+    """Collect statistics for the block's targets (if there is data), then prune them all (swapping in modules)."""
     targets = [_Target(name, module) for name, module in modules.items()]
     if targets and batches is not None:
         _collect_statistics(block, targets, pruner, batches)
-    return [_prune_target(target, pruner, device) for target in targets]
+    local_names = {id(module): name for name, module in block.named_modules()}
+    reports = []
+    for target in targets:
+        report, replacement = _prune_target(target, pruner, device)
+        if replacement is not None:
+            block.set_submodule(local_names[id(target.module)], replacement)
+        reports.append(report)
+    return reports
 
 
 @contextlib.contextmanager
@@ -261,11 +282,20 @@ def _batches_to(batches: list[Batch] | None, device: torch.device) -> list[Batch
     ]
 
 
+def build_pruner(config: SparsityConfig) -> Pruner:
+    """The configured pruner, composed with the configured refiner if any."""
+    pattern = config.sparsity_pattern
+    pruner = get_pruner(config.method)(config.options, pattern)
+    if config.refine is None:
+        return pruner
+    return Refined(pruner, get_refiner(config.refine)(config.refiner_options, pattern))
+
+
 def run(model: nn.Module, config: SparsityConfig, plan: Plan, calibration: torch.Tensor | None) -> PruneReport:
     """Prune ``model`` in place following ``plan``; ``calibration`` is ``(nsamples, seqlen)`` token ids or None."""
     pattern = config.sparsity_pattern
-    pruner = get_pruner(config.method)(config.options, pattern)
-    report = PruneReport(method=config.method, pattern=str(pattern))
+    pruner = build_pruner(config)
+    report = PruneReport(method=pruner.name, pattern=str(pattern))
     start = time.perf_counter()
     offload = torch.cuda.is_available() and all(p.device.type == "cpu" for p in model.parameters())
     was_training = model.training
@@ -273,7 +303,7 @@ def run(model: nn.Module, config: SparsityConfig, plan: Plan, calibration: torch
     try:
         with torch.no_grad(), _exact_fp32_matmul():
             batches = None if calibration is None else capture_inputs(model, plan.blocks[0], calibration)
-            for index, block in enumerate(tqdm(plan.blocks, desc=f"{config.method} {pattern}", unit="block")):
+            for index, block in enumerate(tqdm(plan.blocks, desc=f"{pruner.name} {pattern}", unit="block")):
                 with _visiting(block, offload) as device:
                     batches = _batches_to(batches, device)
                     report.layers += prune_block(block, plan.targets[index], pruner, batches, device)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..sparsity import SparsityPattern, pattern_mask
-from .base import Pruner
+from .base import Pruner, PruneResult
 from .registry import register_pruner
 
 
@@ -25,5 +25,5 @@ def magnitude_prune(weight: torch.Tensor, pattern: SparsityPattern) -> tuple[tor
 class MagnitudePruner(Pruner):
     needs_data = False
 
-    def prune(self, weight: torch.Tensor, stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return magnitude_prune(weight, self.pattern)
+    def prune(self, weight: torch.Tensor, stats: Any) -> PruneResult:
+        return PruneResult(*magnitude_prune(weight, self.pattern))

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from ..sparsity import SparsityPattern, nm_mask, unstructured_mask
-from .base import Pruner, RunningMean, sequences_and_rows
-from .registry import register_pruner
+from .base import Pruner, PruneResult, RunningMean, sequences_and_rows
+from .registry import PrunerOptions, register_pruner
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ _GRAM_PARTS = 4  # Hessian computed as 4 x 4 blocks, 10 of them: 38% fewer flops
 
 
 @dataclass(frozen=True)
-class SparseGPTOptions:
+class SparseGPTOptions(PrunerOptions):
     """Args:
     blocksize: columns per lazy-update block (reference: 128); M must divide it for N:M patterns.
     percdamp: dampening added to the Hessian diagonal, as a fraction of its mean (reference: 0.01).
@@ -198,7 +198,7 @@ class SparseGPTPruner(Pruner):
     def accumulate(self, stats: HessianStats, inp: torch.Tensor) -> None:
         accumulate_hessian(stats, inp)
 
-    def prune(self, weight: torch.Tensor, stats: HessianStats) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(self, weight: torch.Tensor, stats: HessianStats) -> PruneResult:
         if stats.prepared is None:
             stats.prepared = prepare_hessian(stats.value.to(weight.device), self.options.percdamp)
-        return prune_with_inverse(weight, *stats.prepared, self.pattern, self.options.blocksize)
+        return PruneResult(*prune_with_inverse(weight, *stats.prepared, self.pattern, self.options.blocksize))

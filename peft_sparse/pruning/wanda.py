@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..sparsity import SparsityPattern, pattern_mask
-from .base import Pruner, RunningMean, sequences_and_rows
+from .base import Pruner, PruneResult, RunningMean, sequences_and_rows
 from .registry import register_pruner
 
 
@@ -36,5 +36,5 @@ class WandaPruner(Pruner):
     def accumulate(self, stats: RunningMean, inp: torch.Tensor) -> None:
         accumulate_row_scalars(stats, inp)
 
-    def prune(self, weight: torch.Tensor, stats: RunningMean) -> tuple[torch.Tensor, torch.Tensor]:
-        return wanda_prune(weight, stats.value.to(weight.device), self.pattern)
+    def prune(self, weight: torch.Tensor, stats: RunningMean) -> PruneResult:
+        return PruneResult(*wanda_prune(weight, stats.value.to(weight.device), self.pattern))
