@@ -1,7 +1,19 @@
-"""One-shot pruners (magnitude, Wanda, SparseGPT) and the engine that walks a model's decoder blocks."""
+"""One-shot pruners (magnitude, Wanda, SparseGPT, WRP), the DSnoT refiner, and the engine that walks decoder blocks."""
 
-from . import magnitude, sparsegpt, wanda  # noqa: F401  (importing registers the pruners)
-from .base import Pruner, RunningMean
-from .registry import PRUNERS, get_pruner, register_pruner
+from . import dsnot, magnitude, sparsegpt, wanda, wrp  # noqa: F401  (importing registers the pruners and refiners)
+from .base import Pruner, PruneResult, Refined, Refiner, RunningMean
+from .registry import PRUNERS, REFINERS, get_pruner, get_refiner, register_pruner, register_refiner
 
-__all__ = ["PRUNERS", "Pruner", "RunningMean", "get_pruner", "register_pruner"]
+__all__ = [
+    "PRUNERS",
+    "REFINERS",
+    "PruneResult",
+    "Pruner",
+    "Refined",
+    "Refiner",
+    "RunningMean",
+    "get_pruner",
+    "get_refiner",
+    "register_pruner",
+    "register_refiner",
+]
