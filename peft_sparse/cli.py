@@ -30,7 +30,7 @@ from .config import SparsityConfig
 from .data.sources import EMBEDDED, HUB_DATASETS, check_local_file, is_local_source
 from .errors import InputNotFoundError, OutputExistsError, PeftSparseUserError, SparseConfigError
 from .export.formats import SIDE_FILE, get_format, resolve_for_save
-from .pruning.registry import PRUNERS, get_pruner
+from .pruning.registry import PRUNERS, REFINERS
 from .sparsity.patterns import SCOPES
 
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
@@ -101,12 +101,19 @@ def _add_prune_parser(commands) -> None:
                         "every linear layer inside the decoder blocks)")
     parser.add_argument("--ignore", nargs="+", default=[], metavar="REGEX", help="module-name regexes to keep dense")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                        help="method option, repeatable, e.g. --option blocksize=128 --option percdamp=0.01")
+                        help="method option, repeatable, e.g. --option blocksize=128 --option percdamp=0.01, "
+                        "or for wrp --option alpha=0.25 (block form: --option block_size=32 --option blocks_per_row=2)")
+    parser.add_argument("--refine", choices=sorted(REFINERS), help="training-free refinement after the method "
+                        "(dsnot: mask refinement; needs calibration data even after magnitude)")
+    parser.add_argument("--refine-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="refiner option, repeatable, e.g. --refine-option max_cycles=50 --refine-option eps=0.1 "
+                        "--refine-option layers=all")
     parser.add_argument("--output", required=True, help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     parser.add_argument("--save-format", choices=SAVE_FORMATS, default="dense",
-                        help="dense: plain checkpoint with exact zeros, loadable by any transformers; packed: kept "
-                        "values + positions (N:M only, ~54%% of dense bf16 linears), needs import peft_sparse")
+                        help="dense: plain checkpoint with exact zeros, loadable by any transformers (wrp: the "
+                        "recover matrix is added into the weights, which are then no longer exactly N:M); packed: "
+                        "kept values + positions (N:M only, ~54%% of dense bf16 linears), needs import peft_sparse")
     _add_push_arg(parser)
     parser.set_defaults(handler=run_prune)
 
@@ -251,12 +258,13 @@ def checked_calibration(model, config: SparsityConfig, calibration, tokenizer):
 
 def run_prune(args: argparse.Namespace) -> None:
     from . import prune
+    from .nn import merge_recovered
 
     with user_input():
         config = SparsityConfig(
             method=args.method, pattern=args.pattern, sparsity=args.sparsity, sparsity_scope=args.sparsity_scope,
             targets=args.targets, ignore=args.ignore, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-            method_options=dict(args.option),
+            method_options=dict(args.option), refine=args.refine, refine_options=dict(args.refine_option),
         )
         _check_source(args.calibration, "calibration source")
         output = _check_output(args.output, args.overwrite)
@@ -264,17 +272,29 @@ def run_prune(args: argparse.Namespace) -> None:
             raise SparseConfigError(
                 "--save-format packed stores N:M patterns only; use --save-format dense for --sparsity."
             )
+        if args.save_format == "packed" and config.method == "wrp":
+            raise SparseConfigError(
+                "--save-format packed does not store WRP recover matrices yet; use --save-format dense "
+                "(the recover matrix is then added into the weights)."
+            )
         model, tokenizer = load_model(args.model, DTYPES[args.dtype])
-        calibration = args.calibration if get_pruner(config.method).needs_data else None  # magnitude: data-free
+        calibration = args.calibration if config.needs_calibration else None  # magnitude alone: data-free
         calibration = checked_calibration(model, config, calibration, tokenizer)
     report = prune(model, config, calibration=calibration)
     config.provenance.update(base_model=args.model, calibration=args.calibration)
+    merged = merge_recovered(model)  # dense format: W_N:M + W_rec as one weight
+    if merged:
+        logging.getLogger(__name__).warning(
+            "dense save: the recover matrices of %d layers were added into their weights, which are no longer "
+            "exactly %s (extra density %.4f).", merged, config.sparsity_pattern, report.extra_density,
+        )
     with atomic_directory(output) as staging:
         get_format(args.save_format).save(model, staging, resolve_for_save(model, config, args.save_format), {})
         tokenizer.save_pretrained(staging)
-        summary = {"model": args.model, "calibration": args.calibration, "save_format": args.save_format}
+        summary = {"model": args.model, "calibration": args.calibration, "save_format": args.save_format,
+                   "exactly_nm": config.sparsity_pattern.is_nm and not merged}
         _write_json(staging / "prune_report.json", {**summary, "config": config.to_dict(), **report.to_dict()})
-    print(f"Pruned {args.model} ({args.method}, {config.sparsity_pattern}) -> {output}")
+    print(f"Pruned {args.model} ({report.method}, {config.sparsity_pattern}) -> {output}")
     _maybe_push(args.push_to_hub, output, model, config, args.save_format)
 
 
