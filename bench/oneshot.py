@@ -40,6 +40,36 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("2:4", "unstructured")
 SPARSITY = 0.5
 PPL_TOLERANCE = 0.02
+# --recovery rows (2:4): name -> (our SparsityConfig keywords, the reference run's (method, CLI options) or None)
+RECOVERY: dict[str, tuple[dict[str, Any], tuple[str, dict[str, Any]] | None]] = {
+    "wanda": ({"method": "wanda"}, ("wanda", {})),
+    "wanda+dsnot[attention]": (
+        {"method": "wanda", "refine": "dsnot", "refine_options": {"layers": "attention"}},
+        ("dsnot", {"initial_method": "wanda", "skip_layer": "mlp"}),
+    ),
+    "wanda+dsnot[all]": (
+        {"method": "wanda", "refine": "dsnot", "refine_options": {"layers": "all"}},
+        ("dsnot", {"initial_method": "wanda", "skip_layer": "no_skip"}),
+    ),
+    "wanda+dsnot[attention,code-sign]": (
+        {"method": "wanda", "refine": "dsnot", "refine_options": {"layers": "attention", "same_sign": False}}, None,
+    ),
+    "sparsegpt+dsnot[attention]": (
+        {"method": "sparsegpt", "refine": "dsnot", "refine_options": {"layers": "attention"}},
+        ("dsnot", {"initial_method": "sparsegpt", "skip_layer": "mlp"}),
+    ),
+    "magnitude+dsnot[attention]": (
+        {"method": "magnitude", "refine": "dsnot", "refine_options": {"layers": "attention"}},
+        ("dsnot", {"initial_method": "magnitude", "skip_layer": "mlp"}),
+    ),
+    "wrp[alpha=0.1]": ({"method": "wrp", "method_options": {"alpha": 0.1}}, ("wrp", {"alpha": 0.1})),
+    "wrp[alpha=0.25]": ({"method": "wrp", "method_options": {"alpha": 0.25}}, ("wrp", {"alpha": 0.25})),
+    "wrp[alpha=0.4]": ({"method": "wrp", "method_options": {"alpha": 0.4}}, ("wrp", {"alpha": 0.4})),
+    "wrp[block=32,k=1]": (
+        {"method": "wrp", "method_options": {"block_size": 32, "blocks_per_row": 1}},
+        ("wrp", {"recover_format": "block_ELL", "blocksize": 32, "topn": 1}),
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,6 +93,8 @@ class Settings:
     threads: int
     wanda_repo: str | None
     sparsegpt_repo: str | None
+    dsnot_repo: str | None = None
+    wrp_repo: str | None = None
 
 
 @dataclass
@@ -113,9 +145,25 @@ def decoder_sparsity(model) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
+def extra_density(model) -> float:
+    """Non-zeros beyond N:M over the decoder's sparse layers: a recover matrix, or recovered values in the weight."""
+    from peft_sparse.modeling import find_decoder_blocks, is_sparse_layer, out_in
+    from peft_sparse.nn import RecoverLinear
+
+    _, blocks = find_decoder_blocks(model)
+    recovers = [m for m in blocks.modules() if isinstance(m, RecoverLinear)]
+    bases = {id(m.base) for m in recovers}
+    weights = [out_in(m.base) + m.recover_dense() for m in recovers]
+    weights += [out_in(m) for m in blocks.modules() if is_sparse_layer(m) and id(m) not in bases]
+    numel = sum(w.numel() for w in weights)
+    return sum(int(w.count_nonzero()) for w in weights) / numel - 0.5  # 2:4 keeps half
+
+
 def config_for(method: str, pattern: str):
     from peft_sparse.config import SparsityConfig
 
+    if method in RECOVERY:
+        return SparsityConfig(pattern="2:4", **RECOVERY[method][0])
     if pattern == "2:4":
         return SparsityConfig(method=method, pattern="2:4")
     # the papers' unstructured scopes: magnitude per layer, Wanda per output row; SparseGPT ignores the scope and
@@ -147,17 +195,19 @@ def _load(settings: Settings):
 
 def _prune_ours(job: Job, model, tokenizer, settings: Settings):
     from peft_sparse import prune
-    from peft_sparse.pruning import get_pruner
 
     # data-free methods are called without data, as a user would (given data, the engine still runs the forwards)
-    calibration = settings.calibration if get_pruner(job.method).needs_data else None
-    return lambda: prune(model, config_for(job.method, job.pattern), calibration=calibration)
+    config = config_for(job.method, job.pattern)
+    calibration = settings.calibration if config.needs_calibration else None
+    return lambda: prune(model, config, calibration=calibration)
 
 
 def _prune_reference(job: Job, model, tokenizer, settings: Settings):
     from bench.reference_oneshot import ReferenceRun, run_reference, windows_as_loader
 
-    run = ReferenceRun(job.method, job.pattern, _path(settings.wanda_repo), _path(settings.sparsegpt_repo), SPARSITY)
+    method, options = RECOVERY[job.method][1] if job.method in RECOVERY else (job.method, {})
+    run = ReferenceRun(method, job.pattern, _path(settings.wanda_repo), _path(settings.sparsegpt_repo), SPARSITY,
+                       _path(settings.dsnot_repo), _path(settings.wrp_repo), tuple(options.items()))  # fmt: skip
     loader = windows_as_loader(settings.calibration)
     return lambda: run_reference(run, model, tokenizer, loader, settings.seqlen)
 
@@ -181,6 +231,8 @@ def run_job(job: Job, settings: Settings) -> Row:
         factory = _prune_ours if job.kind == "ours" else _prune_reference
         _, row.seconds, row.peak_rss_mib, row.rss_increase_mib = measured(factory(job, model, tokenizer, settings))
         row.sparsity = decoder_sparsity(model)
+        if job.method in RECOVERY:
+            row.extra["extra_density"] = extra_density(model)
     if settings.eval_windows:  # 0: timing-only run
         result = perplexity(model, tokenizer, settings.eval_data, settings.seqlen, settings.eval_windows,
                             progress=False)  # fmt: skip
@@ -216,6 +268,15 @@ def calibration_windows(args: argparse.Namespace) -> torch.Tensor:
 
 
 def jobs_for(args: argparse.Namespace) -> list[Job]:
+    if args.recovery:  # ours then the reference, variant by variant, so a partial run already compares
+        repos = {"wanda": args.wanda_repo, "dsnot": args.dsnot_repo, "wrp": args.wrp_repo}
+        jobs = []
+        for name in args.recovery:
+            jobs.append(Job("ours", name, "2:4"))
+            reference = RECOVERY[name][1]
+            if reference is not None and repos[reference[0]] is not None:
+                jobs.append(Job("reference", name, "2:4"))
+        return jobs
     jobs = [Job("floor"), Job("dense")]
     jobs += [Job("ours", m, p) for p in args.patterns for m in args.methods]
     references = [Job("reference", m, p) for p in args.patterns for m in args.methods]
@@ -232,6 +293,8 @@ def compare(rows: list[Row]) -> list[dict[str, Any]]:
             continue
         diff = None if mine.ppl is None else mine.ppl / ref.ppl - 1
         out.append(dict(method=ref.method, pattern=ref.pattern, ppl_ours=mine.ppl, ppl_reference=ref.ppl,
+                        extra_density_ours=mine.extra.get("extra_density"),
+                        extra_density_reference=ref.extra.get("extra_density"),
                         ppl_rel_diff=diff, ppl_within_2pct=None if diff is None else abs(diff) <= PPL_TOLERANCE,
                         seconds_ours=mine.seconds, seconds_reference=ref.seconds,
                         speedup=ref.seconds / mine.seconds))  # fmt: skip
@@ -244,12 +307,13 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table(rows: list[Row]) -> str:
     """A markdown table of the rows."""
-    lines = ["| impl | method | pattern | ppl | prune s | x floor | peak RSS MiB | +RSS MiB | sparsity |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| impl | method | pattern | ppl | prune s | x floor | peak RSS MiB | +RSS MiB | sparsity | extra |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r.kind} | {r.method or '-'} | {r.pattern or '-'} | {_fmt(r.ppl, '.3f')} | "
                      f"{_fmt(r.seconds, '.2f')} | {_fmt(r.x_floor, '.2f')} | {_fmt(r.peak_rss_mib, '.0f')} | "
-                     f"{_fmt(r.rss_increase_mib, '.0f')} | {_fmt(r.sparsity, '.4f')} |")  # fmt: skip
+                     f"{_fmt(r.rss_increase_mib, '.0f')} | {_fmt(r.sparsity, '.4f')} | "
+                     f"{_fmt(r.extra.get('extra_density'), '.4f')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -278,9 +342,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS))
     parser.add_argument("--wanda-repo", type=Path, default=None, help="checkout of locuslab/wanda (reference rows)")
     parser.add_argument("--sparsegpt-repo", type=Path, default=None, help="checkout of IST-DASLab/sparsegpt")
+    parser.add_argument("--dsnot-repo", type=Path, default=None, help="checkout of zyxxmu/DSnoT")
+    parser.add_argument("--wrp-repo", type=Path, default=None, help="checkout of TanZhendong/WRP")
+    parser.add_argument("--recovery", nargs="+", choices=list(RECOVERY), metavar="ROW",
+                        help=f"DSnoT/WRP rows at 2:4 instead of the method x pattern grid: {', '.join(RECOVERY)}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    for flag in ("wanda_repo", "sparsegpt_repo"):
+    for flag in ("wanda_repo", "sparsegpt_repo", "dsnot_repo", "wrp_repo"):
         repo = getattr(args, flag)
         if repo is not None and not repo.is_dir():
             parser.error(f"--{flag.replace('_', '-')} {repo} is not a directory; see bench/README.md to fetch it.")
@@ -294,14 +362,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     settings = Settings(args.model, calibration_windows(args), str(args.eval_data), args.seqlen, args.eval_windows,
                         args.threads, args.wanda_repo and str(args.wanda_repo),
-                        args.sparsegpt_repo and str(args.sparsegpt_repo))  # fmt: skip
-    rows = []
+                        args.sparsegpt_repo and str(args.sparsegpt_repo), args.dsnot_repo and str(args.dsnot_repo),
+                        args.wrp_repo and str(args.wrp_repo))  # fmt: skip
+    rows: list[Row] = []
     for job in jobs_for(args):
         rows.append(run_isolated(job, settings))
-        print(f"{job.kind} {job.method} {job.pattern}: ppl={rows[-1].ppl} s={rows[-1].seconds}", flush=True)
-    floor = rows[0].seconds
+        print(f"{job.kind} {job.method} {job.pattern}: ppl={rows[-1].ppl} s={rows[-1].seconds} "
+              f"extra={rows[-1].extra}", flush=True)  # fmt: skip
+        write_results(args, rows)  # after every row: a long run that is stopped keeps what it measured
+    return write_results(args, rows, final=True)
+
+
+def write_results(args: argparse.Namespace, rows: list[Row], final: bool = False) -> dict[str, Any]:
+    """Compute the floor ratios and comparisons, write ``args.out``; print the tables when ``final``."""
+    floor = rows[0].seconds if rows[0].kind == "floor" else None  # --recovery runs no floor row
     for row in rows:
-        row.x_floor = None if row.seconds is None else row.seconds / floor
+        row.x_floor = None if row.seconds is None or floor is None else row.seconds / floor
     comparisons = compare(rows)
     result = dict(protocol=dict(calibration=args.calibration.name, nsamples=args.nsamples, seqlen=args.seqlen,
                                 seed=args.seed, eval_data=args.eval_data.name, eval_windows=args.eval_windows,
@@ -309,9 +385,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   machine=dict(threads=args.threads, torch=torch.__version__, python=platform.python_version(),
                                processor=platform.processor() or platform.machine()),
                   floor_seconds=floor, rows=[asdict(r) for r in rows], comparisons=comparisons)  # fmt: skip
-    print(table(rows))
-    if comparisons:
-        print(comparison_table(comparisons))
+    if final:
+        print(table(rows))
+        if comparisons:
+            print(comparison_table(comparisons))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

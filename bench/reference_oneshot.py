@@ -1,4 +1,5 @@
-"""Run the public reference pruners (locuslab/wanda, IST-DASLab/sparsegpt) side by side with ours, unmodified.
+"""Run the public reference pruners (locuslab/wanda, IST-DASLab/sparsegpt, zyxxmu/DSnoT, TanZhendong/WRP) side by
+side with ours, unmodified.
 
 No reference code lives in this repository. The caller passes paths to checkouts of the two repositories; their
 modules are imported from there and only the plumbing that no longer fits this machine is patched, at runtime and
@@ -14,6 +15,10 @@ undone afterwards:
   come from the reference `get_c4` run on the local jsonl shard (`reference_calibration`), so the caller can assert
   that they equal our loader's.
 * `model.seqlen`, `model.hf_device_map` and SparseGPT's module-global `args` are set as their CLIs would set them.
+* DSnoT's `prune_DSnoT` loads C4 itself (2048-token windows); its `get_loaders` returns our windows instead.
+* WRP's `lib/prune.py` imports its compiled Blocked-ELL CUDA kernel (`spmm_block_ell`) at module level for the
+  deployment modules, which `fake_prune` never uses: an empty stand-in module satisfies the import. Its
+  `check_sparsity` only prints and moves every layer to `cuda:0`; it becomes a no-op.
 
 The algorithms themselves (Wanda's per-group Python loops, SparseGPT's column-by-column OBS solve) run exactly as
 published: measuring them is the point. N:M here follows the references: `prune_n` is the number of *zeros* per M.
@@ -33,27 +38,35 @@ from pathlib import Path
 import torch
 from torch import nn
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot", "wrp")
 PATTERNS = ("2:4", "unstructured")
+REPO_FLAGS = {"sparsegpt": "sparsegpt_repo", "dsnot": "dsnot_repo", "wrp": "wrp_repo"}  # else wanda_repo
 
 
 @dataclass(frozen=True)
 class ReferenceRun:
-    """One reference pruning call: method, pattern ("2:4" or "unstructured" at `sparsity`), and the repo paths."""
+    """One reference pruning call: method, pattern ("2:4" or "unstructured" at `sparsity`), and the repo paths.
+
+    ``options`` are the reference CLI's own, for DSnoT (``initial_method``, ``skip_layer``, ...) and WRP
+    (``alpha``, or ``recover_format="block_ELL"`` with ``blocksize`` and ``topn``).
+    """
 
     method: str
     pattern: str
     wanda_repo: Path | None = None
     sparsegpt_repo: Path | None = None
     sparsity: float = 0.5
+    dsnot_repo: Path | None = None
+    wrp_repo: Path | None = None
+    options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"Unknown reference method {self.method!r}; choose one of {METHODS}.")
         if self.pattern not in PATTERNS:
             raise ValueError(f"Unknown reference pattern {self.pattern!r}; choose one of {PATTERNS}.")
-        repo = self.sparsegpt_repo if self.method == "sparsegpt" else self.wanda_repo
-        flag = "--sparsegpt-repo" if self.method == "sparsegpt" else "--wanda-repo"
+        attribute = REPO_FLAGS.get(self.method, "wanda_repo")
+        repo, flag = getattr(self, attribute), "--" + attribute.replace("_", "-")
         if repo is None or not Path(repo).is_dir():
             raise FileNotFoundError(
                 f"Reference {self.method} needs a checkout of its repository; pass {flag} PATH "
@@ -200,10 +213,51 @@ def _call_sparsegpt(run: ReferenceRun, model, tokenizer, loader) -> None:
         llama.llama_sequential(model, loader, torch.device("cpu"))
 
 
+def _dsnot_args(run: ReferenceRun, nsamples: int) -> types.SimpleNamespace:
+    """The `args` of DSnoT's `main.py` with its CLI defaults, overridden by `run.options`."""
+    args = {
+        "nsamples": nsamples, "seed": 0, "sparsity_ratio": run.sparsity, "initial_method": "wanda",
+        "max_cycle_time": 50, "update_threshold": 0.1, "pow_of_var_regrowing": 1.0, "pow_of_var_pruning": 1.0,
+        "skip_layer": "mlp", "skip_sub_layer": "no_skip", "without_DSnoT": False, "without_same_sign": True,
+        "get_time_overhead": False,
+    }  # fmt: skip
+    args.update(run.options)
+    return types.SimpleNamespace(**args)
+
+
+def _call_dsnot(run: ReferenceRun, model, tokenizer, loader) -> None:
+    prune = _import_from(run.dsnot_repo, "lib.prune")
+    prune_n, prune_m = run.zeros_per_group
+    with _patched(prune, "get_loaders", lambda *a, **k: (loader, None)):
+        prune.prune_DSnoT(_dsnot_args(run, len(loader)), model, tokenizer, torch.device("cpu"), prune_n, prune_m)
+
+
+def _wrp_args(run: ReferenceRun, nsamples: int) -> types.SimpleNamespace:
+    """The `args` of WRP's `main.py` for `--recover` (CSR by default), overridden by `run.options`."""
+    args = {"nsamples": nsamples, "sparsity_ratio": run.sparsity, "recover": True, "recover_format": "CSR",
+            "alpha": 0.25, "blocksize": 64, "topn": 8}  # fmt: skip
+    args.update(run.options)
+    return types.SimpleNamespace(**args)
+
+
+def _call_wrp(run: ReferenceRun, model, tokenizer, loader) -> None:
+    sys.modules.setdefault("spmm_block_ell", types.ModuleType("spmm_block_ell"))  # CUDA kernel, unused here
+    kernel = sys.modules["spmm_block_ell"]
+    for name in ("blockELLSpmm_cuSparse", "create_cuSparse_Buffer", "delete_cuSparse_Buffer"):
+        setattr(kernel, name, None)
+    prune = _import_from(run.wrp_repo, "lib.prune")
+    prune_n, prune_m = run.zeros_per_group
+    with _patched(prune, "check_sparsity", lambda *a, **k: None):
+        prune.fake_prune(_wrp_args(run, len(loader)), model, loader, torch.device("cpu"), prune_n, prune_m)
+
+
+_CALLS = {"sparsegpt": _call_sparsegpt, "dsnot": _call_dsnot, "wrp": _call_wrp}
+
+
 @torch.no_grad()
 def run_reference(run: ReferenceRun, model: nn.Module, tokenizer, loader, seqlen: int) -> float:
     """Prune `model` in place with the reference code; returns the seconds spent in the reference call only."""
-    call = _call_sparsegpt if run.method == "sparsegpt" else _call_wanda
+    call = _CALLS.get(run.method, _call_wanda)
     model.eval()
     with cpu_transformers5_shims(model, seqlen), contextlib.redirect_stdout(io.StringIO()):
         start = time.perf_counter()
