@@ -12,9 +12,14 @@ Design (as in the Wanda and SparseGPT papers, without their hard-coded ``model.m
   statistics are alive at a time;
 * targets fed the very same input tensor (q/k/v, gate/up) share one set of statistics (exact, and it halves the
   SparseGPT Hessian work);
+* a refiner (DSnoT) is composed with the pruner into one :class:`~.base.Refined` pruner whose statistics are the
+  pair, so both are collected in the same pass and shared the same way;
+* a result whose ``extras`` hold a recover matrix (WRP) replaces its layer by a :class:`~peft_sparse.nn.RecoverLinear`
+  before pass 2, so the next block sees the recovered outputs;
 * with CUDA available and the model on CPU, each block visits the GPU in turn (how a 70B is pruned on one GPU).
 
-All checks (blocks found, targets found, widths divisible by M) run in :func:`plan` before the model is touched.
+All checks (blocks found, targets found, widths divisible by M, per-layer option checks such as WRP's block size)
+run in :func:`plan` before the model is touched.
 """
 
 from __future__ import annotations
