@@ -54,7 +54,8 @@ def test_layer_choice_refines_only_attention():
     ids = _ids(make_tiny_model())
     wanda, refined = make_tiny_model(), make_tiny_model()
     prune(wanda, SparsityConfig(method="wanda"), calibration=ids)
-    prune(refined, SparsityConfig(method="wanda", refine="dsnot", refine_options={"eps": 0.0}), calibration=ids)
+    options = {"eps": 0.0, "layers": "attention"}
+    prune(refined, SparsityConfig(method="wanda", refine="dsnot", refine_options=options), calibration=ids)
     for name, layer in _block_layers(refined).items():
         if name.startswith("0."):  # block 0: same inputs in both runs (later blocks see the refined attention)
             same = torch.equal(layer.weight, _block_layers(wanda)[name].weight)
