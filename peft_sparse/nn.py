@@ -70,7 +70,7 @@ class RecoverLinear(nn.Module):
         return tiles.permute(0, 2, 1, 3).reshape(out_features, in_features)
 
     def _recover_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x W_rec^T`` for ``x`` of shape ``(tokens, in)`` without materialising ``W_rec``."""
+        """``x W_rec^T`` for ``x`` of shape ``(tokens, in)`` without materialising ``W_rec`` (a transposed view)."""
         if self.block_size is None:
             return (self._csr(self.recover_val.to(x.dtype)) @ x.t()).t()
         b = self.block_size
@@ -78,9 +78,9 @@ class RecoverLinear(nn.Module):
         return torch.einsum("tpkj,pkqj->tpq", gathered, self.recover_val.to(x.dtype)).reshape(x.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        flat = x.reshape(-1, x.shape[-1])
-        return out + self._recover_matmul(flat).reshape(out.shape)
+        out = self.base(x)  # a fresh tensor the linear's backward does not need: safe to add into in place
+        out.view(-1, out.shape[-1]).add_(self._recover_matmul(x.reshape(-1, x.shape[-1])))
+        return out
 
     def merged(self) -> nn.Module:
         """``base`` with the recover matrix added into its weight: one dense weight, no longer exactly N:M."""

@@ -55,6 +55,14 @@ def test_recover_set_matches_slow_reference(alpha):
         assert torch.equal(result.weight + result.extras["recover"], weight)
 
 
+def test_recover_set_breaks_ties_toward_lower_columns():
+    weight, _ = _case(seed=2)
+    flat = torch.ones(weight.shape[1])  # |W| on a coarse grid, equal scalers: many tied metrics in every row
+    result = wrp_prune(weight, flat, NM, WRPOptions(alpha=0.3))
+    _, keep = wanda_prune(weight, flat, NM)
+    assert torch.equal(result.extras["recover"], weight * _slow_recover(weight, flat, keep, 0.3))
+
+
 def test_block_form_matches_slow_reference():
     weight, scaler = _case(seed=1)
     weight = weight + torch.rand_like(weight) * 1e-3  # distinct tile sums: topk order is then unambiguous
