@@ -163,3 +163,10 @@ def test_cli_bad_refine_option_exits_2_without_output(tmp_path, capsys, tiny_mod
     code = main(["prune", str(tiny_model_dir), "--refine", "dsnot", "--refine-option", "eps=-1", "--output", str(out)])
     assert code == 2 and not out.exists()
     assert "dsnot eps must be a non-negative number" in capsys.readouterr().err
+
+
+def test_cli_packed_wrp_is_refused_before_loading(tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "packed"
+    code = main(["prune", str(tiny_model_dir), "--method", "wrp", "--save-format", "packed", "--output", str(out)])
+    assert code == 2 and not out.exists()
+    assert "does not store WRP recover matrices" in capsys.readouterr().err

@@ -29,7 +29,6 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from ..config import QUANT_METHOD, SparsityConfig
 from ..modeling import out_in, select_sparse_modules, to_storage
 from ..pruning.magnitude import magnitude_prune
-from ..pruning.registry import get_pruner
 from ..sparsity import packing
 from .modules import SIDE_TENSORS, install_side_tensors, side_tensor_specs
 
@@ -106,9 +105,10 @@ class SparsityHfQuantizer(HfQuantizer):
                              "checkpoint without tp_plan / distributed_config (or export it with format='dense').")
         if self.pre_quantized:
             return
-        if get_pruner(config.method).needs_data:
+        if config.needs_calibration:
+            name = config.method if config.refine is None else f"{config.method}+{config.refine}"
             raise ValueError(
-                f"Pruning on load supports method='magnitude' only: {config.method!r} needs calibration data. Load "
+                f"Pruning on load supports method='magnitude' only: {name!r} needs calibration data. Load "
                 "the dense model, run peft_sparse.prune(model, config, calibration=..., tokenizer=...), then "
                 "peft_sparse.save_pretrained(model, directory)."
             )
