@@ -252,7 +252,7 @@ def checked_calibration(model, config: SparsityConfig, calibration, tokenizer):
     from .prune import resolve_calibration
     from .pruning import engine
 
-    engine.plan(model, config.sparsity_pattern, config.targets, config.ignore)
+    engine.plan(model, config.sparsity_pattern, config.targets, config.ignore, config.all_options)
     return resolve_calibration(model, config, calibration, tokenizer)
 
 

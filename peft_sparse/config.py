@@ -118,7 +118,9 @@ class SparsityConfig(QuantizationConfigMixin):
                                  f"got {value!r}.")
         self.options  # noqa: B018  (validates method name and method_options)
         if self.refine is None and self.refine_options:
-            raise ValueError(f"refine_options {sorted(self.refine_options)} given without a refiner; set refine='dsnot'.")
+            raise ValueError(
+                f"refine_options {sorted(self.refine_options)} given without a refiner; set refine='dsnot'."
+            )
         self.refiner_options  # noqa: B018  (validates refiner name and refine_options)
 
     @property

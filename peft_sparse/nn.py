@@ -27,7 +27,9 @@ class RecoverLinear(nn.Module):
         self.base = base
         out_features, in_features = out_in(base).shape
         if tuple(recover.shape) != (out_features, in_features):
-            raise ValueError(f"recover matrix {tuple(recover.shape)} does not match the layer's {out_features, in_features}.")
+            raise ValueError(
+                f"recover matrix {tuple(recover.shape)} does not match the layer's {out_features, in_features}."
+            )
         self.shape = (out_features, in_features)
         recover = recover.detach().to(out_in(base).dtype)
         if blocks is None:

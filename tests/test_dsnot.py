@@ -34,7 +34,9 @@ def _slow_row(dense, weight, keep, stats, pattern, options):
     score = (dense * mean / var.pow(options.var_power) * sign).tolist()
     candidates = sorted((j for j in range(len(w)) if not keep[j] and score[j] > 0), key=lambda j: (-score[j], j))
     metric = (w.abs() * norm).tolist()
-    qualifies = [bool(init_keep[k]) and (not options.same_sign or float(w[k] * mean[k]) * sign < 0) for k in range(len(w))]
+    qualifies = [
+        bool(init_keep[k]) and (not options.same_sign or float(w[k] * mean[k]) * sign < 0) for k in range(len(w))
+    ]
     prune_queue = sorted((k for k in range(len(w)) if qualifies[k]), key=lambda k: (metric[k], k))
     if abs(error) <= threshold or sign == 0:
         return w, keep
@@ -65,7 +67,9 @@ def _slow_row(dense, weight, keep, stats, pattern, options):
 
 
 @pytest.mark.parametrize("pattern", [NM, HALF], ids=["2:4", "unstructured"])
-@pytest.mark.parametrize("options", [DSnoTOptions(eps=0.0), DSnoTOptions(same_sign=False, max_cycles=7, eps=0.75 * PAPER_TOKENS)])
+@pytest.mark.parametrize(
+    "options", [DSnoTOptions(eps=0.0), DSnoTOptions(same_sign=False, max_cycles=7, eps=0.75 * PAPER_TOKENS)]
+)
 def test_matches_slow_reference(pattern, options):
     dense, _, stats = _dyadic_case()
     weight, keep = wanda_prune(dense, stats.squares.float(), pattern)

@@ -37,7 +37,8 @@ def _slow_blocks(weight, scaler, keep, b, k):
     metric = weight.abs() * scaler.sqrt()
     out = torch.zeros_like(keep)
     for i in range(0, weight.shape[0], b):
-        sums = [float((metric[i : i + b, j : j + b] * ~keep[i : i + b, j : j + b]).sum()) for j in range(0, weight.shape[1], b)]
+        tiles = range(0, weight.shape[1], b)
+        sums = [float((metric[i : i + b, j : j + b] * ~keep[i : i + b, j : j + b]).sum()) for j in tiles]
         for t in sorted(range(len(sums)), key=lambda t: -sums[t])[:k]:
             out[i : i + b, t * b : (t + 1) * b] = ~keep[i : i + b, t * b : (t + 1) * b]
     return out

@@ -1,4 +1,4 @@
-"""Name -> class registries of pruners and refiners. Each declares its own options dataclass, validated by the config."""
+"""Name -> class registries of pruners and refiners; each declares its options dataclass, validated by the config."""
 
 from __future__ import annotations
 

@@ -60,6 +60,9 @@ class PruneReport:
         for layer, entry in zip(self.layers, data["layers"]):
             entry["extra_density"] = layer.extra_density
         data.update(
-            numel=self.numel, sparsity=self.sparsity, extra_nonzeros=self.extra_nonzeros, extra_density=self.extra_density
+            numel=self.numel,
+            sparsity=self.sparsity,
+            extra_nonzeros=self.extra_nonzeros,
+            extra_density=self.extra_density,
         )
         return data
