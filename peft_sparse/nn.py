@@ -23,14 +23,12 @@ class RecoverLinear(nn.Module):
 
     def __init__(self, base: nn.Module, recover: torch.Tensor, blocks: torch.Tensor | None = None) -> None:
         super().__init__()
-        check_sparse_layer(base, "RecoverLinear")
-        self.base = base
-        out_features, in_features = out_in(base).shape
+        self._set_base(base)
+        out_features, in_features = self.shape
         if tuple(recover.shape) != (out_features, in_features):
             raise ValueError(
                 f"recover matrix {tuple(recover.shape)} does not match the layer's {out_features, in_features}."
             )
-        self.shape = (out_features, in_features)
         recover = recover.detach().to(out_in(base).dtype)
         if blocks is None:
             self.block_size = None
@@ -48,6 +46,38 @@ class RecoverLinear(nn.Module):
             index = blocks.long().reshape(rows, k, 1, 1).expand(rows, k, b, b)
             self.register_buffer("recover_blocks", blocks.to(torch.int32))
             self.register_buffer("recover_val", tiles.gather(1, index).contiguous())
+
+    def _set_base(self, base: nn.Module) -> None:
+        check_sparse_layer(base, "RecoverLinear")
+        self.base = base
+        self.shape = tuple(out_in(base).shape)
+
+    @classmethod
+    def from_buffers(cls, base: nn.Module, buffers: dict[str, torch.Tensor]) -> RecoverLinear:
+        """Rebuild from the stored buffers (``recover_crow/col/val`` or ``recover_blocks/val``), taken as they are."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._set_base(base)
+        out_features, in_features = module.shape
+        if set(buffers) == {"recover_crow", "recover_col", "recover_val"}:
+            crow, col, val = buffers["recover_crow"], buffers["recover_col"], buffers["recover_val"]
+            fits = crow.shape == (out_features + 1,) and col.dim() == 1 and val.shape == col.shape
+            module.block_size = None
+        elif set(buffers) == {"recover_blocks", "recover_val"}:
+            blocks, val = buffers["recover_blocks"], buffers["recover_val"]
+            b = val.shape[-1] if val.dim() == 4 else 0
+            fits = (b > 0 and blocks.dim() == 2 and val.shape == (*blocks.shape, b, b)
+                    and blocks.shape[0] * b == out_features and in_features % b == 0)
+            module.block_size = b
+        else:
+            raise ValueError(f"recover buffers {sorted(buffers)} are neither the element form (recover_crow, "
+                             "recover_col, recover_val) nor the block form (recover_blocks, recover_val).")
+        if not fits:
+            raise ValueError(f"recover buffers of shapes { {k: tuple(v.shape) for k, v in buffers.items()} } do not "
+                             f"fit a layer of (out, in) {module.shape}.")
+        for name, tensor in buffers.items():
+            module.register_buffer(name, tensor)
+        return module
 
     @property
     def extra_nonzeros(self) -> int:
@@ -97,3 +127,8 @@ def merge_recovered(model: nn.Module) -> int:
     for name in names:
         model.set_submodule(name, model.get_submodule(name).merged())
     return len(names)
+
+
+def plain_layer(module: nn.Module) -> nn.Module:
+    """The Linear/Conv1D holding the N:M weight: ``module`` itself, or the base of a :class:`RecoverLinear`."""
+    return module.base if isinstance(module, RecoverLinear) else module

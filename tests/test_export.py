@@ -254,6 +254,53 @@ def test_slorb_side_weights_travel_in_the_packed_files(tmp_path):
         save_pretrained(base, tmp_path / "d", "dense", config=SparsityConfig(method="magnitude"))
 
 
+def _wrp_pruned(arch, options):
+    model = make_tiny_model(arch)
+    prune(model, SparsityConfig(method="wrp", pattern="2:4", method_options=options), calibration=IDS)
+    return model
+
+
+@pytest.mark.parametrize("options", [{"alpha": 0.25}, {"block_size": 16, "blocks_per_row": 2}])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_wrp_recover_matrices_travel_in_the_packed_files(tmp_path, arch, options):
+    from peft_sparse.modeling import out_in
+    from peft_sparse.nn import RecoverLinear, merge_recovered
+
+    model = _wrp_pruned(arch, options)
+    save_pretrained(model, tmp_path / "p", "packed")
+    keys = _keys(tmp_path / "p")
+    names = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["modules"]
+    form = ("recover_blocks",) if "block_size" in options else ("recover_crow", "recover_col")
+    assert names and not any(".base." in key for key in keys)  # stored under the plain model's module names
+    for name in names:
+        wrapper = model.get_submodule(name)
+        assert isinstance(wrapper, RecoverLinear) and keys[f"{name}.weight_meta"][1] == "U8"
+        assert keys[f"{name}.weight"][0] == (wrapper.shape[0], wrapper.shape[1] // 2)  # N:M part packed
+        assert keys[f"{name}.recover_val"][0] == tuple(wrapper.recover_val.shape)
+        assert all(keys[f"{name}.{leaf}"] == (tuple(getattr(wrapper, leaf).shape), "I32") for leaf in form)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert _same_state(loaded, model) and torch.equal(loaded(IDS).logits, model(IDS).logits)
+    for name in names:
+        module = loaded.get_submodule(name)
+        assert isinstance(module, RecoverLinear) and module.block_size == model.get_submodule(name).block_size
+        assert follows_nm(out_in(module.base), 2, 4)
+    loaded.save_pretrained(tmp_path / "re")  # re-save of the loaded model: the same tensors again
+    assert _keys(tmp_path / "re") == keys
+    assert _same_state(AutoModelForCausalLM.from_pretrained(tmp_path / "re"), model)
+    dense = loaded.dequantize()
+    assert merge_recovered(dense) == merge_recovered(model) == len(names)
+    assert _same_state(dense, model)
+
+
+def test_no_import_guard_refuses_wrp_packed(tmp_path):
+    save_pretrained(_wrp_pruned("llama", {"alpha": 0.25}), tmp_path / "p", "packed")
+    run = subprocess.run([sys.executable, "-c", _GUARD, str(tmp_path / "p")], capture_output=True, text=True,
+                         check=False, cwd=tmp_path, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                                                      "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "REFUSED RuntimeError" in run.stdout and "recover_val" in run.stdout + run.stderr
+
+
 def test_cli_prune_packed_and_export_both_ways(tmp_path, tiny_model_dir):
     from peft_sparse.cli import main
 

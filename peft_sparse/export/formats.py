@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import SparsityConfig
 from ..modeling import select_sparse_modules
+from ..nn import RecoverLinear, plain_layer
 from .modules import side_tensor_names
 from .quantizer import SparsityHfQuantizer
 
@@ -84,9 +85,11 @@ def resolve_for_save(model: nn.Module, config: SparsityConfig, format: str) -> S
     resolved.format = format
     resolved.codec = config.resolved_codec if format == "packed" else config.codec
     if resolved.modules is None:
-        resolved.modules = list(select_sparse_modules(model, config.targets, config.ignore))
-    missing = [name for name in resolved.modules if not isinstance(getattr(model.get_submodule(name), "weight", None),
-                                                                   nn.Parameter)]
+        recovered = {f"{name}.base" for name, module in model.named_modules() if isinstance(module, RecoverLinear)}
+        resolved.modules = [name.removesuffix(".base") if name in recovered else name  # WRP: the wrapper's name
+                            for name in select_sparse_modules(model, config.targets, config.ignore)]
+    missing = [name for name in resolved.modules
+               if not isinstance(getattr(plain_layer(model.get_submodule(name)), "weight", None), nn.Parameter)]
     if missing:
         raise ValueError(f"Sparse modules {missing[:3]} of the config have no weight in this model; is it the "
                          "model the config was made for?")

@@ -5,9 +5,11 @@ Registered with ``SparsityConfig`` under ``quant_method="peft_sparse"`` on ``imp
 
 * load: every ``<module>.weight`` is read together with its ``<module>.weight_meta`` (when there is one) and decoded
   back to the exact dense weight (``Unpack``); float values are cast to the requested ``dtype``, the uint8
-  metadata never is (``get_new_dtype``). Side tensors saved next to the weights (SLoRB's ``slorb_S``) are
-  registered as buffers of the shapes in the file headers, then filled by the normal loader;
-* save: ``get_state_dict_and_metadata`` packs the sparse modules and refuses a weight that lost its pattern;
+  metadata never is (``get_new_dtype``). Side tensors saved next to the weights (SLoRB's ``slorb_S``, WRP's
+  ``recover_*``) are registered as buffers of the shapes in the file headers, then filled by the normal loader;
+  layers with recover buffers become ``RecoverLinear`` again once loaded;
+* save: ``get_state_dict_and_metadata`` packs the sparse modules and refuses a weight that lost its pattern; a
+  ``RecoverLinear`` is written under its own name (``<module>.weight`` packed, ``<module>.recover_*`` as they are);
 * prune on load: a dense checkpoint with ``quantization_config=SparsityConfig(method="magnitude")`` is pruned tensor
   by tensor as it is read, exactly like ``peft_sparse.prune``; data-driven methods are refused up front;
 * training: PEFT adapters on a packed model train as usual; full fine-tuning with a plain ``Trainer`` is refused
@@ -28,9 +30,10 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from ..config import QUANT_METHOD, SparsityConfig
 from ..modeling import out_in, select_sparse_modules, to_storage
+from ..nn import RecoverLinear, plain_layer
 from ..pruning.magnitude import magnitude_prune
 from ..sparsity import packing
-from .modules import SIDE_TENSORS, install_side_tensors, side_tensor_specs
+from .modules import SIDE_TENSORS, install_side_tensors, side_tensor_specs, wrap_recovered
 
 META_SUFFIX = "_meta"
 
@@ -151,6 +154,7 @@ class SparsityHfQuantizer(HfQuantizer):
         return dtype if is_float else None
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        wrap_recovered(model)
         self._model = weakref.ref(model)
         return model
 
@@ -158,11 +162,15 @@ class SparsityHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         config = self.quantization_config
         pattern, codec = config.sparsity_pattern, config.resolved_codec
+        recovered = {f"{name}.base" for name, module in model.named_modules() if isinstance(module, RecoverLinear)}
         state = {}
         for key, tensor in model.state_dict().items():
             module_name, _, leaf = key.rpartition(".")
+            if module_name in recovered:  # X.base.weight -> X.weight: the plain model's names
+                module_name = module_name.removesuffix(".base")
+                key = f"{module_name}.{leaf}"
             if leaf == "weight" and module_name in self._targets:
-                module = model.get_submodule(module_name)
+                module = plain_layer(model.get_submodule(module_name))
                 state[key], state[key + META_SUFFIX] = packing.pack(to_storage(module, tensor), pattern.n,
                                                                     pattern.m, codec, name=module_name)
             else:
