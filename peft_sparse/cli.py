@@ -113,7 +113,8 @@ def _add_prune_parser(commands) -> None:
     parser.add_argument("--save-format", choices=SAVE_FORMATS, default="dense",
                         help="dense: plain checkpoint with exact zeros, loadable by any transformers (wrp: the "
                         "recover matrix is added into the weights, which are then no longer exactly N:M); packed: "
-                        "kept values + positions (N:M only, ~54%% of dense bf16 linears), needs import peft_sparse")
+                        "kept values + positions (N:M only, ~54%% of dense bf16 linears; wrp: the recover matrix "
+                        "is stored next to them), needs import peft_sparse")
     _add_push_arg(parser)
     parser.set_defaults(handler=run_prune)
 
@@ -272,17 +273,12 @@ def run_prune(args: argparse.Namespace) -> None:
             raise SparseConfigError(
                 "--save-format packed stores N:M patterns only; use --save-format dense for --sparsity."
             )
-        if args.save_format == "packed" and config.method == "wrp":
-            raise SparseConfigError(
-                "--save-format packed does not store WRP recover matrices yet; use --save-format dense "
-                "(the recover matrix is then added into the weights)."
-            )
         model, tokenizer = load_model(args.model, DTYPES[args.dtype])
         calibration = args.calibration if config.needs_calibration else None  # magnitude alone: data-free
         calibration = checked_calibration(model, config, calibration, tokenizer)
     report = prune(model, config, calibration=calibration)
     config.provenance.update(base_model=args.model, calibration=args.calibration)
-    merged = merge_recovered(model)  # dense format: W_N:M + W_rec as one weight
+    merged = merge_recovered(model) if args.save_format == "dense" else 0  # dense: W_N:M + W_rec as one weight
     if merged:
         logging.getLogger(__name__).warning(
             "dense save: the recover matrices of %d layers were added into their weights, which are no longer "

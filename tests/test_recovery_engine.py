@@ -165,8 +165,15 @@ def test_cli_bad_refine_option_exits_2_without_output(tmp_path, capsys, tiny_mod
     assert "dsnot eps must be a non-negative number" in capsys.readouterr().err
 
 
-def test_cli_packed_wrp_is_refused_before_loading(tmp_path, capsys, tiny_model_dir):
+def test_cli_packed_wrp_saves_the_recover_matrices_and_reloads(tmp_path, tiny_model_dir):
     out = tmp_path / "packed"
-    code = main(["prune", str(tiny_model_dir), "--method", "wrp", "--save-format", "packed", "--output", str(out)])
-    assert code == 2 and not out.exists()
-    assert "does not store WRP recover matrices" in capsys.readouterr().err
+    code = main(["prune", str(tiny_model_dir), "--method", "wrp", "--option", "block_size=16", "--option",
+                 "blocks_per_row=2", "--calibration", "embedded", "--nsamples", "2", "--seqlen", "16",
+                 "--save-format", "packed", "--output", str(out)])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["exactly_nm"] is True and report["extra_density"] > 0
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    recovers = [m for m in loaded.modules() if isinstance(m, RecoverLinear)]
+    assert len(recovers) == len(report["layers"]) > 0 and all(m.block_size == 16 for m in recovers)
+    assert all(nm_violations(out_in(m.base), 2, 4) == 0 for m in recovers)
