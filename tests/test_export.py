@@ -287,6 +287,8 @@ def test_wrp_recover_matrices_travel_in_the_packed_files(tmp_path, arch, options
     loaded.save_pretrained(tmp_path / "re")  # re-save of the loaded model: the same tensors again
     assert _keys(tmp_path / "re") == keys
     assert _same_state(AutoModelForCausalLM.from_pretrained(tmp_path / "re"), model)
+    with pytest.raises(ValueError, match="merge_recovered"):
+        save_pretrained(model, tmp_path / "d", "dense")
     dense = loaded.dequantize()
     assert merge_recovered(dense) == merge_recovered(model) == len(names)
     assert _same_state(dense, model)

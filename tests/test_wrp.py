@@ -132,3 +132,15 @@ def test_block_size_must_divide_the_layer():
         options.check_layer((64, 96), "mlp.up_proj")
     with pytest.raises(ValueError, match="blocks_per_row=5 exceeds"):
         WRPOptions(block_size=24, blocks_per_row=5).check_layer((48, 96), "mlp.up_proj")
+
+
+@pytest.mark.parametrize("options", [WRPOptions(alpha=0.3), WRPOptions(block_size=8, blocks_per_row=2)])
+def test_from_buffers_rebuilds_exactly_and_checks_shapes(options):
+    result = wrp_prune(torch.randn(32, 64), torch.rand(64) + 0.5, NM, options)
+    module = RecoverLinear(nn.Linear(64, 32), result.extras["recover"], result.extras.get("recover_blocks"))
+    rebuilt = RecoverLinear.from_buffers(module.base, dict(module.named_buffers()))
+    assert rebuilt.block_size == module.block_size and torch.equal(rebuilt.recover_dense(), module.recover_dense())
+    with pytest.raises(ValueError, match="do not fit a layer"):
+        RecoverLinear.from_buffers(nn.Linear(64, 16), dict(module.named_buffers()))
+    with pytest.raises(ValueError, match="neither the element form"):
+        RecoverLinear.from_buffers(module.base, {"recover_val": module.recover_val})

@@ -106,6 +106,11 @@ def _save_dense(model: nn.Module, directory: Path, config: SparsityConfig, kwarg
     if carriers:
         raise ValueError(f"{carriers[0]} carries a SLoRB side weight, which a plain dense checkpoint would silently "
                          "drop; save with format='packed' (or merge it into a dense weight first).")
+    recovered = [name for name, module in model.named_modules() if isinstance(module, RecoverLinear)]
+    if recovered:
+        raise ValueError(f"{recovered[0]} carries a WRP recover matrix, which a plain dense checkpoint cannot hold; "
+                         "save with format='packed', or fold it into the weights first with "
+                         "peft_sparse.nn.merge_recovered(model) (no longer exactly N:M).")
     from ..cli import _write_json
 
     with _quantizer_state(model, None):
