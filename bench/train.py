@@ -17,11 +17,14 @@ Protocol (WikiText-2 test, 512-token windows, first ``--eval-windows`` windows, 
   sampling seed 2, no evaluation), so the plot has a point every ``--mask-update-interval`` steps.
 
 Embeddings (tied with ``lm_head``) are frozen; decoder linears and norms train. Results go to ``--out`` (JSON) and a
-flip-rate plot next to it. The README's AST table (runs split over two processes of one thread each)::
+flip-rate plot next to it. The README's AST table (one process per start, one thread each)::
 
     python bench/train.py --threads 1 --timing-steps 0 --skip-dense-eval --cache-dir /tmp/ast/cache \
-        --runs sparsegpt:frozen,sparsegpt:naive:update,sparsegpt:naive:gradient,sparsegpt:naive:step \
+        --runs sparsegpt:frozen,sparsegpt:naive:gradient,sparsegpt:naive:step,sparsegpt:naive:update,sparsegpt:boosted \
         --out bench/results/train_sparsegpt.json
+    python bench/train.py --threads 1 --timing-steps 0 --skip-dense-eval --cache-dir /tmp/ast/cache \
+        --runs magnitude:frozen,magnitude:naive:gradient,magnitude:naive:step,magnitude:naive:update,magnitude:boosted \
+        --out bench/results/train_magnitude.json
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per training sequence")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--srste-decay", type=float, default=2e-4)
-    parser.add_argument("--srste-placement", default="update", choices=SRSTE_PLACEMENTS)
+    parser.add_argument("--srste-placement", default="gradient", choices=SRSTE_PLACEMENTS)
     parser.add_argument("--mask-update-interval", type=int, default=10)
     parser.add_argument("--distill-alpha", type=float, default=2.0, help="CE + alpha * KL (paper: 2.0)")
     parser.add_argument("--eval-windows", type=int, default=64, help="WikiText-2 windows of 512 tokens")

@@ -45,7 +45,9 @@ class SparseArgumentsMixin:
             paper's section 3.2 formula, ``(1-β1)·d`` added to the current step only, kept out of the momentum.
             ``"update"``: the authors' optimizer, ``d`` added to the Adam update with weight 1 and the second moment
             taken of that update. At equal λ, ``"gradient"`` pulls about 10x harder than ``"step"``, and
-            ``"update"`` harder still (``bench/srste_pull.py`` measures the conversion).
+            ``"update"`` harder still (``bench/srste_pull.py`` measures the conversion). ``"gradient"`` is the
+            default: on SmolLM2 it had the lowest perplexity from a SparseGPT start and did not diverge from the
+            magnitude start (README, AST results).
         distill_alpha / distill_temperature: loss = CE + alpha * T^2 * KL(teacher || student) at temperature T.
             Only used when a teacher is given to :class:`SparseTrainer`.
         teacher_dtype: run the teacher in this dtype (``None``: as given). ``"bfloat16"`` makes its forward about
@@ -76,7 +78,7 @@ class SparseArgumentsMixin:
     srste_ramp_steps: int | None = field(
         default=None, metadata={"help": "Annealing ramp length; 0 = constant; None = a quarter of training."}
     )
-    srste_placement: str = field(default="step", metadata={"help": f"One of {SRSTE_PLACEMENTS}."})
+    srste_placement: str = field(default="gradient", metadata={"help": f"One of {SRSTE_PLACEMENTS}."})
     distill_alpha: float = field(default=2.0, metadata={"help": "Weight of the KL distillation term."})
     distill_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})
     teacher_dtype: str | None = field(
