@@ -64,7 +64,7 @@ def main() -> None:
         output_dir=cli.output_dir, max_steps=cli.steps, per_device_train_batch_size=cli.batch,
         learning_rate=cli.lr, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=5, save_strategy="no",
         report_to="none", use_cpu=True, pattern="2:4", mask_update_interval=10,
-        srste_decay=cli.srste_decay, distill_alpha=0.67, distill_temperature=2.0, **sparse, **MODES[cli.mode],
+        srste_decay=cli.srste_decay, distill_alpha=2.0, distill_temperature=2.0, **sparse, **MODES[cli.mode],
     )
     trainer = SparseTrainer(model=student, args=args, teacher=teacher, train_dataset=TokenWindowDataset(windows))
     trainer.train()  # leaves the trainer trainable; finalize() hard-prunes to the final 2:4 masks and saves

@@ -15,10 +15,7 @@ import copy
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Iterator
@@ -30,6 +27,7 @@ from .config import SparsityConfig
 from .data.sources import EMBEDDED, HUB_DATASETS, check_local_file, is_local_source
 from .errors import InputNotFoundError, OutputExistsError, PeftSparseUserError, SparseConfigError
 from .export.formats import SIDE_FILE, get_format, resolve_for_save
+from .io import atomic_directory, check_output_dir, write_json
 from .pruning.registry import PRUNERS, REFINERS
 from .sparsity.patterns import SCOPES
 
@@ -199,45 +197,6 @@ def _check_source(source: str, what: str) -> None:
     check_local_file(source)
 
 
-def _check_output(output: str, overwrite: bool) -> Path:
-    path = Path(output).expanduser()
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"Output {output!r} exists and is not a directory; choose another output.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise OutputExistsError(f"Output directory {output!r} is not empty; pass --overwrite or choose another.")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``target``; on success it replaces ``target``, on error it is removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        yield staging
-        staging.chmod(0o755)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # no-op after a successful rename
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` as JSON via a temporary file so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        json.dump(payload, out, indent=2, sort_keys=True)
-        out.write("\n")
-    os.chmod(partial, 0o644)
-    os.replace(partial, path)
-
-
 def load_model(name: str, dtype: torch.dtype):
     """``name`` through :func:`load_model_and_tokenizer`; ``"smollm2"`` (unless a local path) is the demo model."""
     from .models import SMOLLM2_NAME, load_model_and_tokenizer, smollm2
@@ -268,7 +227,7 @@ def run_prune(args: argparse.Namespace) -> None:
             method_options=dict(args.option), refine=args.refine, refine_options=dict(args.refine_option),
         )
         _check_source(args.calibration, "calibration source")
-        output = _check_output(args.output, args.overwrite)
+        output = check_output_dir(args.output, args.overwrite)
         if args.save_format == "packed" and not config.sparsity_pattern.is_nm:
             raise SparseConfigError(
                 "--save-format packed stores N:M patterns only; use --save-format dense for --sparsity."
@@ -289,7 +248,7 @@ def run_prune(args: argparse.Namespace) -> None:
         tokenizer.save_pretrained(staging)
         summary = {"model": args.model, "calibration": args.calibration, "save_format": args.save_format,
                    "exactly_nm": config.sparsity_pattern.is_nm and not merged}
-        _write_json(staging / "prune_report.json", {**summary, "config": config.to_dict(), **report.to_dict()})
+        write_json(staging / "prune_report.json", {**summary, "config": config.to_dict(), **report.to_dict()})
     print(f"Pruned {args.model} ({report.method}, {config.sparsity_pattern}) -> {output}")
     _maybe_push(args.push_to_hub, output, model, config, args.save_format)
 
@@ -315,7 +274,7 @@ def run_export(args: argparse.Namespace) -> None:
     from .export import save_pretrained, sparsity_config_of
 
     with user_input():
-        output = _check_output(args.output, args.overwrite)
+        output = check_output_dir(args.output, args.overwrite)
         source = Path(args.source).expanduser()
         side = source / SIDE_FILE
         pattern = SparsityConfig(method="magnitude", pattern=args.pattern) if args.pattern else None
@@ -349,7 +308,7 @@ def run_train(args: argparse.Namespace) -> None:
         prune_config = None if model_args.prune is None else SparsityConfig(
             method=model_args.prune, pattern=train_args.pattern, targets=train_args.targets, ignore=train_args.ignore)
         _check_source(data_args.data, "training data")
-        output = _check_output(train_args.output_dir, model_args.overwrite)
+        output = check_output_dir(train_args.output_dir, model_args.overwrite)
         count = data_args.window_count(train_args)
         model, tokenizer = load_model(model_args.model, DTYPES[model_args.dtype])
         windows = load_calibration(data_args.data, tokenizer, nsamples=count, seqlen=data_args.seqlen,
@@ -384,7 +343,7 @@ def run_eval(args: argparse.Namespace) -> None:
     result = perplexity(model, tokenizer, args.data, args.seqlen, args.max_windows, args.batch_size)
     print(f"ppl {result.ppl:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.seconds:.1f} s)")
     if output is not None:
-        _write_json(output, {"model": args.model, "data": args.data, **result.to_dict()})
+        write_json(output, {"model": args.model, "data": args.data, **result.to_dict()})
 
 
 def _check_output_file(output: str | None) -> Path | None:
@@ -428,7 +387,7 @@ def run_demo(args: argparse.Namespace) -> None:
         (f"{config.sparsity_pattern} {args.method}", sparse.ppl, sparse.seconds, prune_s),
     ]))
     if output is not None:
-        _write_json(output, {"config": config.to_dict(), "load_seconds": load_s, "prune_seconds": prune_s,
+        write_json(output, {"config": config.to_dict(), "load_seconds": load_s, "prune_seconds": prune_s,
                              "dense": dense.to_dict(), "sparse": sparse.to_dict(), "report": report.to_dict()})
 
 

@@ -75,7 +75,7 @@ def test_failure_while_saving_leaves_no_output(tmp_path, capsys, tiny_model_dir,
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(cli, "_write_json", broken)
+    monkeypatch.setattr(cli, "write_json", broken)
     with pytest.raises(OSError, match="disk full"):
         main(["prune", str(tiny_model_dir), "--method", "magnitude", "--output", str(tmp_path / "out")])
     assert list(tmp_path.iterdir()) == []

@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from ..config import SparsityConfig
+from ..io import atomic_directory, check_output_dir, write_json
 from ..modeling import select_sparse_modules
 from ..nn import RecoverLinear, plain_layer
 from .modules import side_tensor_names
@@ -111,11 +112,10 @@ def _save_dense(model: nn.Module, directory: Path, config: SparsityConfig, kwarg
         raise ValueError(f"{recovered[0]} carries a WRP recover matrix, which a plain dense checkpoint cannot hold; "
                          "save with format='packed', or fold it into the weights first with "
                          "peft_sparse.nn.merge_recovered(model) (no longer exactly N:M).")
-    from ..cli import _write_json
 
     with _quantizer_state(model, None):
         model.save_pretrained(directory, **kwargs)
-    _write_json(directory / SIDE_FILE, config.to_dict())
+    write_json(directory / SIDE_FILE, config.to_dict())
 
 
 FORMATS: dict[str, SaveFormat] = {
@@ -143,7 +143,6 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str | None 
 
     Everything is checked and packed into a temporary sibling first; ``directory`` appears only when complete.
     """
-    from ..cli import _check_output, atomic_directory
 
     config = config or sparsity_config_of(model)
     if config is None:
@@ -154,7 +153,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str | None 
         raise ValueError(f"The packed format stores N:M patterns only, not {config.sparsity_pattern}; use "
                          "format='dense'.")
     resolved = resolve_for_save(model, config, fmt.name)
-    target = _check_output(str(directory), overwrite)
+    target = check_output_dir(str(directory), overwrite)
     with atomic_directory(target) as staging:
         fmt.save(model, staging, resolved, save_kwargs)
         if tokenizer is not None:
