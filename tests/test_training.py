@@ -22,6 +22,7 @@ from peft_sparse.training import (
     SparseAdamW,
     TokenWindowDataset,
     attach_sparse_layers,
+    ce_kl_distill_sum,
     chunked_kl_distill_sum,
     kl_distill_sum,
     srste_lambda,
@@ -178,6 +179,56 @@ def test_chunked_kl_equals_the_reference_on_scored_rows_in_value_and_gradient(dt
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
     assert grad.dtype == dtype and not grad[2].any() and not grad[0, :4].any()  # unscored rows get nothing
     assert chunked_kl_distill_sum(student, teacher, 2.0, torch.empty(0, dtype=torch.long)).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ce_kl_equals_cross_entropy_plus_kl_in_value_and_gradient(dtype):
+    torch.manual_seed(1)
+    student = torch.randn(3, 9, 40, dtype=dtype, requires_grad=True)
+    with torch.inference_mode():
+        teacher = torch.randn(3, 9, 40, dtype=dtype)
+    targets = torch.randint(0, 40, (3, 9))
+    targets[0, :5] = -100
+    targets[2] = -100
+    valid = targets != -100
+    reference = (torch.nn.functional.cross_entropy(student[valid].float(), targets[valid], reduction="sum")
+                 + 2.0 * kl_distill_sum(student[valid], teacher.clone()[valid], 3.0))
+    (expected_grad,) = torch.autograd.grad(reference, student)
+    fused = ce_kl_distill_sum(student, teacher, targets, temperature=3.0, alpha=2.0, chunk_tokens=4)
+    (grad,) = torch.autograd.grad(fused, student)
+    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, **({} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)))
+    assert grad.dtype == dtype and not grad[2].any() and not grad[0, :5].any()
+    assert ce_kl_distill_sum(student, teacher, torch.full((3, 9), -100), 2.0, 2.0).item() == 0.0
+
+
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_trainer_loss_is_the_models_cross_entropy_plus_the_normalised_kl(tmp_path, monkeypatch, num_items):
+    """The fused loss (swapped into the model for one forward) against the model's own CE plus the KL reference."""
+    import peft_sparse.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "chunked_kl_distill_sum", None)  # the separate-KL path must not run
+    teacher, student = tiny_llama(seed=1), tiny_llama()
+    labels = TokenDataset().ids[:4].clone()
+    labels[0, :6] = -100
+    batch = {"input_ids": TokenDataset().ids[:4], "labels": labels}
+    trainer = SparseTrainer(model=student, args=make_args(tmp_path, distill_alpha=2.0, distill_temperature=2.0),
+                            teacher=teacher)
+    reference_model = copy.deepcopy(trainer.model)
+    outputs = reference_model(**batch, **({} if num_items is None else {"num_items_in_batch": num_items}))
+    scored = shifted_token_mask(labels)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["input_ids"]).logits
+    kl = kl_distill_sum(outputs.logits[:, :-1][scored], teacher_logits[:, :-1][scored], 2.0)
+    expected = outputs.loss + 2.0 * kl / (num_items or int(scored.sum()))
+    expected.backward()
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for (name, param), other in zip(trainer.model.named_parameters(), reference_model.parameters()):
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, other.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert "_loss_function" not in vars(trainer.model)  # the swap lasts one forward
 
 
 def test_conv1d_masks_group_along_inputs():

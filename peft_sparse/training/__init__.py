@@ -14,7 +14,7 @@ from .layers import (
     detach_sparse_layer,
     finalize_sparse_layers,
 )
-from .losses import chunked_kl_distill_sum, kl_distill_sum
+from .losses import ce_kl_distill_sum, chunked_kl_distill_sum, kl_distill_sum
 from .optim import SparseAdamW
 from .plot import plot_flip_rates
 from .schedule import srste_lambda
@@ -45,6 +45,7 @@ __all__ = [
     "SparseTrainingMixin",
     "TokenWindowDataset",
     "attach_sparse_layers",
+    "ce_kl_distill_sum",
     "chunked_kl_distill_sum",
     "detach_sparse_layer",
     "finalize_sparse_layers",

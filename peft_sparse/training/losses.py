@@ -20,34 +20,57 @@ def kl_distill_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     return F.kl_div(log_student, log_teacher, log_target=True, reduction="sum") * temperature**2
 
 
-class _ChunkedKL(torch.autograd.Function):
-    """:func:`kl_distill_sum` over row chunks, with no full-size fp32 copy of either logits tensor.
+class _ChunkedDistill(torch.autograd.Function):
+    """``α · kl_distill_sum`` (plus the summed cross-entropy against ``targets`` when given) over row chunks, with no
+    full-size fp32 copy of either logits tensor.
 
-    Each chunk's softmaxes are computed once: the forward also writes the chunk's gradient direction ``q_s - p_t``
-    (the gradient of ``T² · KL`` with respect to the student logits is ``T · (q_s - p_t)``) into one buffer in the
-    student's dtype, which the backward scales in place and returns. So the backward costs one multiply, and between
-    the passes autograd holds that one buffer (the size of the gradient it replaces) instead of the softmaxes.
+    Each chunk's softmaxes are computed once: the forward also writes the chunk's gradient into one buffer in the
+    student's dtype (``∂ α·T²·KL / ∂z = α·T·(q_T - p_t)``, plus ``softmax(z) - onehot(target)`` for the CE), which
+    the backward scales in place and returns. So the backward costs one multiply, and between the passes autograd
+    holds that one buffer (the size of the gradient it replaces) instead of the softmaxes. Fusing the CE in saves
+    the model's own loss its full-size log-softmax, its backward and the sum of the two gradients.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, rows, temperature, chunk):
+    def forward(ctx, student, teacher, rows, targets, temperature, alpha, chunk):
         total = torch.zeros((), dtype=torch.float32, device=student.device)
-        direction = torch.zeros_like(student)
-        for index in torch.split(rows, chunk):
-            scaled = student.index_select(0, index).float().div_(temperature)
-            log_q = F.log_softmax(scaled, dim=-1)
+        direction = torch.empty_like(student)
+        if rows.numel() < student.shape[0]:  # unscored rows get no gradient
+            unscored = torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
+            unscored[rows] = False
+            direction[unscored] = 0
+        for start in range(0, rows.numel(), chunk):
+            index = rows[start:start + chunk]
+            logits = student.index_select(0, index).float()
+            log_q = F.log_softmax(logits / temperature, dim=-1)
             log_p = F.log_softmax(teacher.index_select(0, index).float().div_(temperature), dim=-1)
             p = log_p.exp()
-            total += torch.sub(log_p, log_q, out=scaled).mul_(p).sum()
-            direction.index_copy_(0, index, log_q.exp_().sub_(p).to(student.dtype))
+            total += torch.sub(log_p, log_q).mul_(p).sum() * (alpha * temperature**2)
+            grad = log_q.exp_().sub_(p).mul_(alpha * temperature)
+            if targets is not None:
+                target = targets[start:start + chunk].unsqueeze(1)
+                log_s = F.log_softmax(logits, dim=-1)
+                total -= log_s.gather(1, target).sum()
+                grad.add_(log_s.exp_()).scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
+            direction.index_copy_(0, index, grad.to(student.dtype))
         ctx.save_for_backward(direction)
-        ctx.temperature = temperature
-        return total * temperature**2
+        return total
 
     @staticmethod
     def backward(ctx, grad):
         (direction,) = ctx.saved_tensors
-        return direction.mul_(grad * ctx.temperature), None, None, None, None
+        return direction.mul_(grad), None, None, None, None, None, None
+
+
+def _flat_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"Student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: the teacher must share the student's vocabulary.")
+    vocab = student_logits.shape[-1]
+    student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    rows = torch.arange(student.shape[0], device=student.device) if rows is None else rows.to(student.device)
+    return student, teacher, rows
 
 
 def chunked_kl_distill_sum(
@@ -62,15 +85,32 @@ def chunked_kl_distill_sum(
     Selecting rows inside the function avoids the gathered copies that ``logits[mask]`` would make (and keep for the
     backward); the chunks bound the fp32 work memory to ``chunk_tokens`` rows per tensor.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"Student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ: the teacher must share the student's vocabulary.")
-    vocab = student_logits.shape[-1]
-    student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
-    rows = torch.arange(student.shape[0], device=student.device) if rows is None else rows.to(student.device)
+    student, teacher, rows = _flat_rows(student_logits, teacher_logits, rows)
     if rows.numel() == 0:
         return student.sum() * 0.0  # nothing scored: a zero that still joins the graph
-    return _ChunkedKL.apply(student, teacher, rows, temperature, chunk_tokens)
+    return _ChunkedDistill.apply(student, teacher, rows, None, temperature, 1.0, chunk_tokens)
+
+
+def ce_kl_distill_sum(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    ignore_index: int = -100,
+    chunk_tokens: int = KL_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """``Σ CE(student, targets) + α · kl_distill_sum`` over the rows whose target is not ``ignore_index``, fused.
+
+    ``targets`` are per-row (already shifted for a causal LM). The same value as the two computed apart
+    (``F.cross_entropy(..., reduction="sum")`` plus :func:`kl_distill_sum`), in one chunked pass.
+    """
+    student, teacher, _ = _flat_rows(student_logits, teacher_logits, None)
+    targets = targets.reshape(-1).to(student.device)
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return student.sum() * 0.0
+    return _ChunkedDistill.apply(student, teacher, rows, targets[rows], temperature, alpha, chunk_tokens)
 
 
 def shifted_token_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,9 @@ import safetensors.torch
 import torch
 from peft import PeftModel
 from torch import nn
+from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+from transformers.loss.loss_utils import LOSS_MAPPING
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import SparsityConfig
@@ -39,7 +41,7 @@ from ..modeling import out_in, select_sparse_modules
 from ..sparsity import nm_violations
 from .config import SparseArgumentsMixin
 from .layers import attach_sparse_layers, finalize_sparse_layers
-from .losses import chunked_kl_distill_sum, scored_rows
+from .losses import ce_kl_distill_sum, chunked_kl_distill_sum, scored_rows
 from .optim import OPTIMIZER_PLACEMENTS, SparseAdamW
 from .schedule import resolve_ramp_steps, srste_lambda
 
@@ -155,12 +157,16 @@ class SparseTrainingMixin:
         labels = inputs.get("labels")
         if labels is None:
             raise SparseConfigError("Distillation needs `labels` in the batch to know which positions are scored.")
+        teacher_logits = self._teacher_logits(inputs)
         student = _language_model(self.accelerator.unwrap_model(model))
-        with _capture_student(student) as captured:
+        fused = self.label_smoother is None and self.compute_loss_func is None
+        with _fused_loss(student, teacher_logits, self.args, fused) as used, _capture_student(student) as captured:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if used:  # the model's own loss was CE + α·KL, normalised like the CE
+            return result
         loss = result[0] if return_outputs else result
         rows = scored_rows(labels)
-        kl = self._distill_sum(student, captured, self._teacher_logits(inputs), rows)
+        kl = self._distill_sum(student, captured, teacher_logits, rows)
         loss = loss + self.args.distill_alpha * kl * self._kl_scale(rows.numel(), num_items_in_batch)
         return (loss, result[1]) if return_outputs else loss
 
@@ -169,10 +175,10 @@ class SparseTrainingMixin:
             return self.teacher(**{k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}).logits
 
     def _distill_sum(self, student: nn.Module, captured: dict, teacher_logits: torch.Tensor, rows) -> torch.Tensor:
-        """The summed KL over ``rows``, from the student's full logits when its forward built them.
+        """The summed KL over ``rows`` when the model's own loss did not include it (:func:`_fused_loss`).
 
-        TRL's fused LM head never builds them, so then the scored rows of the captured hidden states are projected
-        through the student's output layer once more.
+        From the student's full logits when its forward built them; TRL's fused LM head never builds them, so then
+        the scored rows of the captured hidden states are projected through the student's output layer once more.
         """
         temperature = self.args.distill_temperature
         logits, hidden = captured.get("logits"), captured["hidden"]
@@ -333,6 +339,46 @@ class SparseTrainer(SparseTrainingMixin, Trainer):
 def _language_model(model: nn.Module) -> nn.Module:
     """The transformers model itself, inside a possible PeftModel."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+@contextlib.contextmanager
+def _fused_loss(model: nn.Module, teacher_logits: torch.Tensor, args, enabled: bool):
+    """Swap the model's causal-LM cross-entropy for the fused ``CE + α·T²·KL`` (:func:`ce_kl_distill_sum`) during
+    one forward; yields a list that is non-empty once the fused loss ran.
+
+    The fused loss divides by exactly what transformers' ``ForCausalLMLoss`` divides by (``num_items_in_batch``, or
+    the scored token count), so the KL term is normalised like the CE under accumulation and DDP, and the trainer's
+    own scaling of the returned loss applies to both. Only the stock causal-LM loss is swapped; a model with another
+    loss, label smoothing or a ``compute_loss_func`` keeps it and gets the KL added afterwards.
+    """
+    used: list[bool] = []
+    causal_lm = LOSS_MAPPING["ForCausalLM"]
+    if not enabled or getattr(model, "loss_function", None) is not causal_lm:
+        yield used
+        return
+
+    def loss_function(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                      **kwargs):
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        total = ce_kl_distill_sum(logits, teacher_logits.to(logits.device), shift_labels, args.distill_temperature,
+                                  args.distill_alpha, ignore_index)
+        used.append(True)
+        if num_items_in_batch is None:
+            return total / max(int((shift_labels != ignore_index).sum()), 1)
+        return total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch)
+                        else num_items_in_batch)
+
+    had_own = "_loss_function" in vars(model)
+    previous = vars(model).get("_loss_function")
+    model.loss_function = loss_function
+    try:
+        yield used
+    finally:
+        if had_own:
+            model.loss_function = previous
+        else:
+            del model._loss_function
 
 
 @contextlib.contextmanager
