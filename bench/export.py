@@ -10,7 +10,9 @@ Timing (one torch thread, warm page cache, medians of ``--repeats``): the two fo
 ``load`` is ``AutoModelForCausalLM.from_pretrained`` alone; ``load_forward`` adds the first forward pass (64 tokens).
 The two differ in what they compare: transformers memory-maps a dense checkpoint and reads none of it during
 ``from_pretrained`` (the first forward then pages the weights in), while a packed load decodes every sparse layer into
-new memory. ``load_forward`` is the like-for-like time until the model has computed with all its weights.
+new memory. ``load_forward`` is the like-for-like time until the model has computed with all its weights. The same two
+are then timed the way a user's script meets them, in a new process per load (``fresh_process``, imports not
+counted), with the files in the page cache (``warm``) and evicted from it first (``cold``: a first load from disk).
 
     python bench/export.py [--repeats 5] [--output bench/results/export.json]
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -30,6 +33,23 @@ import time
 from pathlib import Path
 
 import torch
+
+FRESH = """
+import json, sys, time
+import torch
+import peft_sparse
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging
+logging.disable_progress_bar()
+torch.set_num_threads(1)
+ids = torch.load(sys.argv[2])
+start = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+loaded = time.perf_counter()
+with torch.no_grad():
+    model(ids)
+print(json.dumps({"load": loaded - start, "load_forward": time.perf_counter() - start}))
+"""
 
 RELOAD = """
 import sys, torch
@@ -80,7 +100,7 @@ def timed_saves(model: torch.nn.Module, config, scratch: Path, dtype_name: str, 
 
 
 def timed_loads(directories: dict[str, Path], ids: torch.Tensor, repeats: int) -> dict[str, dict[str, list]]:
-    """Per format: seconds of fresh ``from_pretrained`` loads and of the first forward after each."""
+    """Per format: seconds of repeated ``from_pretrained`` loads in this process and of the first forward after each."""
     from transformers import AutoModelForCausalLM
 
     for directory in directories.values():  # one untimed load each: imports, lazy initialisations
@@ -96,6 +116,32 @@ def timed_loads(directories: dict[str, Path], ids: torch.Tensor, repeats: int) -
         samples[fmt]["load"].append(loaded - start)
         samples[fmt]["load_forward"].append(time.perf_counter() - start)
         del model
+    return samples
+
+
+def drop_from_page_cache(directory: Path) -> None:
+    """Evict the checkpoint's files from the page cache (``POSIX_FADV_DONTNEED``: no privileges needed), so the
+    next load reads them from disk."""
+    for path in directory.glob("*.safetensors"):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+
+
+def fresh_loads(directories: dict[str, Path], ids_path: Path, repeats: int) -> dict[str, dict[str, list]]:
+    """Per format and page-cache state (``warm``, ``cold``): seconds of ``from_pretrained`` and of it plus the
+    first forward in a new process each time (imports not counted), as a user's script meets them."""
+    samples = {f"{fmt}_{cache}": {"load": [], "load_forward": []} for fmt in directories for cache in ("warm", "cold")}
+    for _, fmt in _alternating(tuple(directories), repeats):
+        for cache in ("warm", "cold"):
+            if cache == "cold":
+                drop_from_page_cache(directories[fmt])
+            result = subprocess.run([sys.executable, "-c", FRESH, str(directories[fmt]), str(ids_path)],
+                                    check=True, capture_output=True, text=True)
+            for key, value in json.loads(result.stdout.strip().splitlines()[-1]).items():
+                samples[f"{fmt}_{cache}"][key].append(value)
     return samples
 
 
@@ -150,12 +196,21 @@ def run(repeats: int) -> dict:
             for key in ("load", "load_forward", "save"):
                 row[f"{key}_ratio_packed_over_dense"] = round(packed[f"{key}_seconds"] / dense[f"{key}_seconds"], 3)
             torch.save(ids, scratch / "ids.pt")
+            fresh = fresh_loads(directories, scratch / "ids.pt", repeats)
+            row["fresh_process"] = {name: {f"{key}_seconds": _median(values) for key, values in measures.items()}
+                                    | {"samples": {k: [round(x, 3) for x in v] for k, v in measures.items()}}
+                                    for name, measures in fresh.items()}
+            for cache in ("warm", "cold"):
+                for key in ("load", "load_forward"):
+                    ratio = (row["fresh_process"][f"packed_{cache}"][f"{key}_seconds"]
+                             / row["fresh_process"][f"dense_{cache}"][f"{key}_seconds"])
+                    row["fresh_process"][f"{key}_ratio_packed_over_dense_{cache}"] = round(ratio, 3)
             subprocess.run([sys.executable, "-c", RELOAD, str(directories["packed"]), str(scratch / "ids.pt"),
                             str(scratch / "logits.pt")], check=True)
-            fresh = torch.load(scratch / "logits.pt")
+            reloaded = torch.load(scratch / "logits.pt")
             with torch.no_grad():  # reference: the dense checkpoint loaded in plain transformers (no peft_sparse)
                 expected = type(model).from_pretrained(directories["dense"])(ids).logits
-            row["fresh_process_logits_identical"] = bool(torch.equal(fresh, expected))
+            row["fresh_process_logits_identical"] = bool(torch.equal(reloaded, expected))
             results[dtype_name] = row
     return results
 

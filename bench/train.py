@@ -11,7 +11,8 @@ Protocol (WikiText-2 test, 512-token windows, first ``--eval-windows`` windows, 
   ``naive`` (AST-Naive: dynamic masks, annealed SR-STE at PLACEMENT, λ = LAMBDA or ``--srste-decay``) or ``boosted``
   (the same + SLoRB k=16, mean init);
 * step time of SparseTrainer vs a plain Trainer on the same model and batch, without the teacher, with the fp32
-  teacher and with a bf16 teacher (``teacher_dtype``), back to back in one process (``--timing-steps``), and with
+  teacher and with a bf16 teacher (``teacher_dtype``), back to back in one process (``--timing-steps`` per trainer,
+  ``--timing-rounds`` rounds in alternating order), and with
   ``--peak-memory`` each trainer's peak resident memory, each in a fresh process;
 * with ``--flip-steps N``: flip-rate telemetry, AST-Naive from both starts for N steps of one sequence each (C4
   sampling seed 2, no evaluation), so the plot has a point every ``--mask-update-interval`` steps.
@@ -33,7 +34,6 @@ import argparse
 import copy
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -107,6 +107,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--flip-steps", type=int, default=0, help="steps of the flip-rate telemetry runs (0: skip)")
     parser.add_argument("--timing-steps", type=int, default=3, help="timed steps per trainer after 1 warm-up (0: skip)")
+    parser.add_argument("--timing-rounds", type=int, default=2, help="rounds of the timed trainers, order alternating")
     parser.add_argument("--peak-memory", action="store_true",
                         help="also the peak memory of each timed trainer, each in a fresh process")
     parser.add_argument("--measure-trainer", choices=sorted(TRAINERS), help=argparse.SUPPRESS)  # one, then exit
@@ -220,8 +221,8 @@ TRAINERS = {
 }
 
 
-def time_trainer(name: str, dense, dataset, args) -> float:
-    """Median seconds per optimizer step of trainer ``name`` (the first step is a warm-up and not counted)."""
+def time_trainer(name: str, dense, dataset, args) -> list[float]:
+    """Seconds of each optimizer step of trainer ``name`` but the first (a warm-up)."""
     sparse, with_teacher, settings = TRAINERS[name]
     teacher = dense if with_teacher else None
     timer = StepTimer()
@@ -236,7 +237,7 @@ def time_trainer(name: str, dense, dataset, args) -> float:
             plain = TrainingArguments(**{**plain_settings(tmp, args), "max_steps": steps})
             trainer = Trainer(model=model, args=plain, train_dataset=dataset, callbacks=[timer])
         trainer.train()
-    return statistics.median(timer.durations[1:])
+    return timer.durations[1:]
 
 
 def teacher_precision_gap(dense, dataset, args) -> float:
@@ -249,10 +250,23 @@ def teacher_precision_gap(dense, dataset, args) -> float:
 
 
 def step_times(dense, dataset, args) -> dict:
-    """The trainers back to back in this process (on a shared machine, compare ratios, not seconds)."""
-    seconds = {name: time_trainer(name, dense, dataset, args) for name in TRAINERS}
+    """Median step seconds of the trainers back to back in this process, over ``--timing-rounds`` rounds in
+    alternating order (the first trainer of a round also pays for growing the process's memory)."""
+    durations: dict[str, list[float]] = {name: [] for name in TRAINERS}
+    for round_index in range(args.timing_rounds):
+        for name in list(TRAINERS)[:: 1 if round_index % 2 == 0 else -1]:
+            durations[name] += time_trainer(name, dense, dataset, args)
+    seconds = {name: statistics.median(values) for name, values in durations.items()}
     ratios = {f"ratio_{name}": value / seconds["plain"] for name, value in seconds.items() if name != "plain"}
-    return dict(seconds=seconds, **ratios, bf16_teacher_kl_per_token=teacher_precision_gap(dense, dataset, args))
+    return dict(seconds=seconds, samples=durations, **ratios,
+                bf16_teacher_kl_per_token=teacher_precision_gap(dense, dataset, args))
+
+
+def own_peak_rss_mib() -> float:
+    """This process's resident high-water mark (``VmHWM``). Not ``ru_maxrss``: Linux carries that over ``execve``
+    from the forked copy of the parent, so a child spawned by a large parent would report the parent's size."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
 def peak_memory(args) -> dict[str, float]:
@@ -279,7 +293,7 @@ def main() -> None:
     dataset = TokenWindowDataset(windows)
     if args.measure_trainer:  # a child of --peak-memory: this process's peak is the answer
         time_trainer(args.measure_trainer, dense, dataset, args)
-        print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        print(json.dumps({"peak_rss_mib": own_peak_rss_mib()}))
         return
     results: dict = dict(config={k: str(v) for k, v in vars(args).items()}, tokens=windows.numel())
     if not args.skip_dense_eval:
