@@ -261,7 +261,8 @@ def _maybe_push(repo: str | None, directory: Path, model, config: SparsityConfig
 
     from .export import model_card
 
-    model_card(model, resolve_for_save(model, config, save_format), save_format).save(directory / "README.md")
+    model_card(model, resolve_for_save(model, config, save_format), save_format, repo_id=repo).save(
+        directory / "README.md")
     api = HfApi()
     api.create_repo(repo, exist_ok=True)
     api.upload_folder(repo_id=repo, folder_path=str(directory), commit_message="Upload sparse model (peft_sparse)")

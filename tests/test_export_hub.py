@@ -1,6 +1,6 @@
 """push_to_hub through a local stub Hub (127.0.0.1): huggingface_hub's real upload and download code runs, the card
 survives (one commit per push), and from_pretrained("user/repo") is bit-identical, for a pruned model, a PeftModel
-with SPP / SLoRB adapters and a SparseTrainer run."""
+with SPP / SLoRB adapters, a SparseTrainer run, and ``peft-sparse prune`` / ``export --push-to-hub``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hub_stub import serve
 
 CLIENT = r"""
 import sys, torch
+from pathlib import Path
 import peft_sparse
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -35,6 +36,7 @@ card = ModelCard.load("user/pruned")
 assert card.data.library_name == "transformers" and "sparsity:2:4" in card.data.tags, card.data
 assert card.data.eval_results[0].metric_value == 12.5 and card.data.sparsity["codec"] == "b6x3"
 assert "pip install peft_sparse" in card.text and "import peft_sparse" in card.text
+assert 'AutoModelForCausalLM.from_pretrained("user/pruned")' in card.text
 
 for name, config in (("spp", peft_sparse.SPPConfig(r=4)), ("slorb", peft_sparse.SLoRBConfig(k=16))):
     base = AutoModelForCausalLM.from_pretrained("user/pruned")
@@ -44,11 +46,12 @@ for name, config in (("spp", peft_sparse.SPPConfig(r=4)), ("slorb", peft_sparse.
             if p.requires_grad:
                 p.add_(0.01)
     expected = adapted(ids).logits
-    peft_sparse.push_to_hub(adapted, f"user/{name}", base_model="user/pruned")
+    peft_sparse.push_to_hub(adapted, f"user/{name}")  # base_model: the base's own name, "user/pruned"
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("user/pruned"), f"user/{name}")
     assert torch.equal(reloaded(ids).logits, expected), name
     card = ModelCard.load(f"user/{name}")
     assert card.data.library_name == "peft" and card.data.base_model == "user/pruned" and name in card.data.tags
+    assert f'from_pretrained("user/pruned")' in card.text and f'from_pretrained(base, "user/{name}")' in card.text
 
 trainer = peft_sparse.SparseTrainer(model=make_tiny_model("llama", vocab_size=128),
                                     args=make_args(sys.argv[2], max_steps=2), train_dataset=TokenDataset())
@@ -59,11 +62,24 @@ back = AutoModelForCausalLM.from_pretrained("user/trained")
 assert same(back, trainer.model)
 card = ModelCard.load("user/trained")
 assert "sparse-retraining" in card.data.tags and card.data.sparsity["method"] == "sparse_trainer"
+from peft_sparse.cli import main as cli
+local_dir, cli_out = sys.argv[3], Path(sys.argv[2]).parent / "cli"
+assert cli(["prune", local_dir, "--method", "magnitude", "--pattern", "2:4", "--output", str(cli_out / "pruned"),
+            "--save-format", "packed", "--push-to-hub", "user/cli-pruned"]) == 0
+local = AutoModelForCausalLM.from_pretrained(cli_out / "pruned")
+assert same(AutoModelForCausalLM.from_pretrained("user/cli-pruned"), local)
+assert 'import peft_sparse' in ModelCard.load("user/cli-pruned").text
+assert 'from_pretrained("user/cli-pruned")' in ModelCard.load("user/cli-pruned").text
+assert cli(["export", str(cli_out / "pruned"), "--format", "dense", "--output", str(cli_out / "dense"),
+            "--push-to-hub", "user/cli-dense"]) == 0
+dense = AutoModelForCausalLM.from_pretrained("user/cli-dense")
+assert same(dense, local) and getattr(dense.config, "quantization_config", None) is None
+assert ModelCard.load("user/cli-dense").data.sparsity["format"] == "dense"
 print("HUB OK")
 """
 
 
-def test_push_to_hub_round_trips_through_a_stub_hub(tmp_path):
+def test_push_to_hub_round_trips_through_a_stub_hub(tmp_path, tiny_model_dir):
     server, commits = serve(tmp_path / "hub")
     tests = Path(__file__).resolve().parent
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_HOME": str(tmp_path / "hf"),
@@ -72,9 +88,11 @@ def test_push_to_hub_round_trips_through_a_stub_hub(tmp_path):
     env.pop("HF_HUB_OFFLINE", None)
     env.pop("TRANSFORMERS_OFFLINE", None)
     try:
-        run = subprocess.run([sys.executable, "-c", CLIENT, str(tests), str(tmp_path / "train")], env=env,
+        run = subprocess.run([sys.executable, "-c", CLIENT, str(tests), str(tmp_path / "train"), str(tiny_model_dir)],
+                             env=env,
                              capture_output=True, text=True, timeout=900, check=False)
     finally:
         server.shutdown()
     assert "HUB OK" in run.stdout, run.stdout[-3000:] + run.stderr[-5000:]
-    assert dict(commits) == {"user/pruned": 1, "user/spp": 1, "user/slorb": 1, "user/trained": 1}
+    assert dict(commits) == {"user/pruned": 1, "user/spp": 1, "user/slorb": 1, "user/trained": 1, "user/cli-pruned": 1,
+                             "user/cli-dense": 1}

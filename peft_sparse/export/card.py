@@ -53,8 +53,11 @@ def _per_layer(model: nn.Module, modules: list[str]) -> list[dict[str, Any]]:
 def model_card(model: nn.Module, config: SparsityConfig, format: str, *, base_model: str | None = None,
                library_name: str = "transformers", perplexity: Perplexity | None = None, calibration: str | None = None,
                extra_params: str | None = None, load_snippet: str | None = None, model_name: str | None = None,
-               tags: list[str] | None = None) -> ModelCard:
-    """The card of a sparse ``model`` (its sparse layers named by ``config.modules``) saved in ``format``."""
+               tags: list[str] | None = None, repo_id: str | None = None) -> ModelCard:
+    """The card of a sparse ``model`` (its sparse layers named by ``config.modules``) saved in ``format``.
+
+    ``load_snippet`` may name ``{repo}`` (``repo_id``, else the model name) and ``{base_model}``; ``base_model``
+    defaults to the model's own Hub name (a local path is left out)."""
     pattern = config.sparsity_pattern
     base_model = base_model or config.provenance.get("base_model") or getattr(model.config, "_name_or_path", None)
     base_model = base_model if base_model and not Path(base_model).exists() else None  # local paths mean nothing
@@ -79,9 +82,9 @@ def model_card(model: nn.Module, config: SparsityConfig, format: str, *, base_mo
         datasets=datasets, model_name=name if eval_results else None, eval_results=eval_results,
         sparsity=sparsity_block,
     )
-    snippet = load_snippet or (
-        "from transformers import AutoModelForCausalLM\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{name}")')
+    snippet = (load_snippet or 'from transformers import AutoModelForCausalLM\n'
+               'model = AutoModelForCausalLM.from_pretrained("{repo}")').format(
+        repo=repo_id or name, base_model=base_model or "BASE_MODEL")
     return ModelCard.from_template(
         data, template_path=str(TEMPLATE), model_name=name, format=format, format_version=config.format_version,
         codec=config.resolved_codec, pattern=str(pattern), ratio=pattern.ratio, method=config.method,

@@ -43,8 +43,8 @@ def _stage(obj: Any, directory: Path, format: str | None, config: SparsityConfig
         resolved = resolve_for_save(base, config, format or config.resolved_format)
         peft_type = next(iter(obj.peft_config.values())).peft_type
         snippet = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-                   f'base = AutoModelForCausalLM.from_pretrained("{card_kwargs.get("base_model") or "BASE"}")\n'
-                   'model = PeftModel.from_pretrained(base, "REPO")')
+                   'base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
+                   'model = PeftModel.from_pretrained(base, "{repo}")')
         card = model_card(base, resolved, resolved.format, library_name="peft", perplexity=perplexity,
                           load_snippet=snippet, tags=[str(getattr(peft_type, "value", peft_type)).lower()],
                           **card_kwargs)
@@ -68,12 +68,14 @@ def push_to_hub(obj: Any, repo_id: str, *, format: str | None = None, config: Sp
         obj: a sparse model, a ``PeftModel`` (SPP / SLoRB adapters on a sparse base) or a finalized ``SparseTrainer``.
         format: ``"packed"`` / ``"dense"`` (default: the config's).
         perplexity: a measured :class:`Perplexity` for the card's model-index.
-        card_kwargs: passed to :func:`peft_sparse.export.card.model_card` (``base_model``, ``calibration``, ...).
+        card_kwargs: passed to :func:`peft_sparse.export.card.model_card` (``base_model``: by default the model's
+            (or the adapter's base model's) own Hub name; ``calibration``, ...).
     """
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="peft-sparse-push-") as scratch:
         directory = Path(scratch) / "repo"
-        _stage(obj, directory, format, config, tokenizer, perplexity, card_kwargs)  # all checks before the Hub
+        _stage(obj, directory, format, config, tokenizer, perplexity,  # all checks before the Hub
+               {"repo_id": repo_id, **card_kwargs})
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(directory), commit_message=commit_message)
     return str(getattr(info, "commit_url", info))
