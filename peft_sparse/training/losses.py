@@ -62,15 +62,13 @@ class _ChunkedDistill(torch.autograd.Function):
         return direction.mul_(grad), None, None, None, None, None, None
 
 
-def _flat_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-               rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flat(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both ``[..., vocab]`` logits as ``[tokens, vocab]``; refuses teachers with another vocabulary."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"Student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ: the teacher must share the student's vocabulary.")
     vocab = student_logits.shape[-1]
-    student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
-    rows = torch.arange(student.shape[0], device=student.device) if rows is None else rows.to(student.device)
-    return student, teacher, rows
+    return student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
 
 
 def chunked_kl_distill_sum(
@@ -85,7 +83,8 @@ def chunked_kl_distill_sum(
     Selecting rows inside the function avoids the gathered copies that ``logits[mask]`` would make (and keep for the
     backward); the chunks bound the fp32 work memory to ``chunk_tokens`` rows per tensor.
     """
-    student, teacher, rows = _flat_rows(student_logits, teacher_logits, rows)
+    student, teacher = _flat(student_logits, teacher_logits)
+    rows = torch.arange(student.shape[0], device=student.device) if rows is None else rows.to(student.device)
     if rows.numel() == 0:
         return student.sum() * 0.0  # nothing scored: a zero that still joins the graph
     return _ChunkedDistill.apply(student, teacher, rows, None, temperature, 1.0, chunk_tokens)
@@ -105,7 +104,7 @@ def ce_kl_distill_sum(
     ``targets`` are per-row (already shifted for a causal LM). The same value as the two computed apart
     (``F.cross_entropy(..., reduction="sum")`` plus :func:`kl_distill_sum`), in one chunked pass.
     """
-    student, teacher, _ = _flat_rows(student_logits, teacher_logits, None)
+    student, teacher = _flat(student_logits, teacher_logits)
     targets = targets.reshape(-1).to(student.device)
     rows = (targets != ignore_index).nonzero().squeeze(1)
     if rows.numel() == 0:
