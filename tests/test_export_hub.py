@@ -51,7 +51,7 @@ for name, config in (("spp", peft_sparse.SPPConfig(r=4)), ("slorb", peft_sparse.
     assert torch.equal(reloaded(ids).logits, expected), name
     card = ModelCard.load(f"user/{name}")
     assert card.data.library_name == "peft" and card.data.base_model == "user/pruned" and name in card.data.tags
-    assert f'from_pretrained("user/pruned")' in card.text and f'from_pretrained(base, "user/{name}")' in card.text
+    assert 'from_pretrained("user/pruned")' in card.text and f'from_pretrained(base, "user/{name}")' in card.text
 
 trainer = peft_sparse.SparseTrainer(model=make_tiny_model("llama", vocab_size=128),
                                     args=make_args(sys.argv[2], max_steps=2), train_dataset=TokenDataset())

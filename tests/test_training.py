@@ -225,7 +225,10 @@ def test_trainer_loss_is_the_models_cross_entropy_plus_the_normalised_kl(tmp_pat
     loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
     loss.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    for (name, param), other in zip(trainer.model.named_parameters(), reference_model.parameters()):
+    pairs = list(zip(trainer.model.named_parameters(), reference_model.parameters()))
+    assert [p.grad is None for (_, p), _ in pairs] == [o.grad is None for _, o in pairs]
+    assert sum(p.grad is not None for (_, p), _ in pairs) > 10
+    for (name, param), other in pairs:
         if param.grad is not None:
             torch.testing.assert_close(param.grad, other.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert "_loss_function" not in vars(trainer.model)  # the swap lasts one forward

@@ -364,21 +364,20 @@ def _fused_loss(model: nn.Module, teacher_logits: torch.Tensor, args, enabled: b
         total = ce_kl_distill_sum(logits, teacher_logits.to(logits.device), shift_labels, args.distill_temperature,
                                   args.distill_alpha, ignore_index)
         used.append(True)
-        if num_items_in_batch is None:
+        if num_items_in_batch is None:  # a mean over the scored tokens (0, not NaN, when there are none)
             return total / max(int((shift_labels != ignore_index).sum()), 1)
         return total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch)
                         else num_items_in_batch)
 
-    had_own = "_loss_function" in vars(model)
-    previous = vars(model).get("_loss_function")
+    previous = vars(model).get("_loss_function")  # set only if someone assigned the stock loss explicitly
     model.loss_function = loss_function
     try:
         yield used
     finally:
-        if had_own:
-            model.loss_function = previous
-        else:
+        if previous is None:
             del model._loss_function
+        else:
+            model.loss_function = previous
 
 
 @contextlib.contextmanager
