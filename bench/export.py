@@ -13,8 +13,17 @@ The two differ in what they compare: transformers memory-maps a dense checkpoint
 new memory. ``load_forward`` is the like-for-like time until the model has computed with all its weights. The same two
 are then timed the way a user's script meets them, in a new process per load (``fresh_process``, imports not
 counted), with the files in the page cache (``warm``) and evicted from it first (``cold``: a first load from disk).
+``first_touch`` is the floor any decoder into ordinary memory pays on top of the loader: a new process allocating the
+decoded weights and writing them once (``torch.empty(shape).fill_(0)`` per sparse layer), so the kernel faults in that
+memory. A table of the load ratios is printed at the end.
 
-    python bench/export.py [--repeats 5] [--output bench/results/export.json]
+Fresh memory costs what the machine makes it cost, and that hits the packed loads (they allocate the decoded weights)
+but not the memory-mapped dense ones. On the virtual machine this was measured on, memory the guest had not used
+lately cost up to 4x more to touch (the hypervisor backs it on first use): first touch of the fp32 weights took
+0.14-0.61 s in one run. So before the timings of each dtype a child process writes ``--warm-up-gib`` GiB once, and
+every timed load starts after ``--settle`` idle seconds (both formats alike).
+
+    python bench/export.py [--repeats 5] [--settle 5] [--warm-up-gib 6] [--output bench/results/export.json]
 """
 
 from __future__ import annotations
@@ -60,6 +69,18 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])
 """
 
+FIRST_TOUCH = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+shapes, dtype = json.loads(sys.argv[1]), getattr(torch, sys.argv[2])
+start = time.perf_counter()
+weights = [torch.empty(shape, dtype=dtype).fill_(0) for shape in shapes]
+print(json.dumps({"first_touch": time.perf_counter() - start}))
+"""
+
+WARM_UP = "import sys, torch; torch.empty(int(float(sys.argv[1]) * 2**30), dtype=torch.uint8).fill_(1)"
+
 
 def payload_bytes(directory: Path) -> dict[str, int]:
     """Tensor payload bytes per tensor name, read from the safetensors headers."""
@@ -99,7 +120,8 @@ def timed_saves(model: torch.nn.Module, config, scratch: Path, dtype_name: str, 
     return seconds
 
 
-def timed_loads(directories: dict[str, Path], ids: torch.Tensor, repeats: int) -> dict[str, dict[str, list]]:
+def timed_loads(directories: dict[str, Path], ids: torch.Tensor, repeats: int,
+                settle: float) -> dict[str, dict[str, list]]:
     """Per format: seconds of repeated ``from_pretrained`` loads in this process and of the first forward after each."""
     from transformers import AutoModelForCausalLM
 
@@ -108,6 +130,7 @@ def timed_loads(directories: dict[str, Path], ids: torch.Tensor, repeats: int) -
     samples = {fmt: {"load": [], "load_forward": []} for fmt in directories}
     for _, fmt in _alternating(tuple(directories), repeats):
         gc.collect()
+        time.sleep(settle)
         start = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(directories[fmt])
         loaded = time.perf_counter()
@@ -130,22 +153,47 @@ def drop_from_page_cache(directory: Path) -> None:
             os.close(descriptor)
 
 
-def fresh_loads(directories: dict[str, Path], ids_path: Path, repeats: int) -> dict[str, dict[str, list]]:
+def fresh_loads(directories: dict[str, Path], ids_path: Path, shapes: list[list[int]], dtype_name: str,
+                repeats: int, settle: float) -> dict[str, dict[str, list]]:
     """Per format and page-cache state (``warm``, ``cold``): seconds of ``from_pretrained`` and of it plus the
-    first forward in a new process each time (imports not counted), as a user's script meets them."""
+    first forward in a new process each time (imports not counted), as a user's script meets them; and per repeat the
+    ``first_touch`` floor (see the module docstring) under the same conditions."""
     samples = {f"{fmt}_{cache}": {"load": [], "load_forward": []} for fmt in directories for cache in ("warm", "cold")}
+    samples["first_touch"] = {"first_touch": []}
     for _, fmt in _alternating(tuple(directories), repeats):
-        for cache in ("warm", "cold"):
-            if cache == "cold":
+        runs = [(f"{fmt}_warm", [FRESH, str(directories[fmt]), str(ids_path)]),
+                (f"{fmt}_cold", [FRESH, str(directories[fmt]), str(ids_path)])]
+        if fmt == "packed":
+            runs.append(("first_touch", [FIRST_TOUCH, json.dumps(shapes), dtype_name]))
+        for name, arguments in runs:
+            if name.endswith("_cold"):
                 drop_from_page_cache(directories[fmt])
-            result = subprocess.run([sys.executable, "-c", FRESH, str(directories[fmt]), str(ids_path)],
-                                    check=True, capture_output=True, text=True)
+            time.sleep(settle)
+            result = subprocess.run([sys.executable, "-c", *arguments], check=True, capture_output=True, text=True)
             for key, value in json.loads(result.stdout.strip().splitlines()[-1]).items():
-                samples[f"{fmt}_{cache}"][key].append(value)
+                samples[name][key].append(value)
     return samples
 
 
-def run(repeats: int) -> dict:
+def table(results: dict) -> str:
+    """Load seconds, dense / packed (ratio), per dtype and setting, as a Markdown table."""
+    lines = ["| setting | dtype | load | load + forward |", "|---|---|---|---|"]
+    for dtype_name in ("float32", "bfloat16"):
+        row = results[dtype_name]
+        fresh = row["fresh_process"]
+        settings = {"in process, warm": (row["dense"], row["packed"]),
+                    "fresh process, warm": (fresh["dense_warm"], fresh["packed_warm"]),
+                    "fresh process, cold": (fresh["dense_cold"], fresh["packed_cold"])}
+        for name, (dense, packed) in settings.items():
+            cells = [f"{dense[f'{key}_seconds']:.3f} / {packed[f'{key}_seconds']:.3f} "
+                     f"({packed[f'{key}_seconds'] / dense[f'{key}_seconds']:.2f}x)" for key in ("load", "load_forward")]
+            lines.append(f"| {name} | {dtype_name} | {cells[0]} | {cells[1]} |")
+        touch = fresh["first_touch"]["first_touch_seconds"]
+        lines.append(f"| first touch of the decoded weights | {dtype_name} | {touch:.3f} | |")
+    return "\n".join(lines)
+
+
+def run(repeats: int, settle: float, warm_up_gib: float) -> dict:
     from transformers.utils import logging
 
     import peft_sparse
@@ -160,6 +208,7 @@ def run(repeats: int) -> dict:
     ids = torch.randint(0, base.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     results = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised), 2:4 magnitude", "torch": torch.__version__,
                "machine": platform.processor() or platform.machine(), "threads": 1, "repeats": repeats,
+               "settle_seconds": settle, "warm_up_gib": warm_up_gib,
                "timing": "medians; formats alternate in one process; load = from_pretrained only (a dense checkpoint "
                          "is memory-mapped, not read); load_forward = from_pretrained + first forward (64 tokens)"}
     with tempfile.TemporaryDirectory() as scratch:
@@ -178,8 +227,9 @@ def run(repeats: int) -> dict:
                 files = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
                 row[fmt] = {"linear_bytes": linears, "checkpoint_payload_bytes": sum(sizes.values()),
                             "safetensors_file_bytes": files}
+            subprocess.run([sys.executable, "-c", WARM_UP, str(warm_up_gib)], check=True)
             saves = timed_saves(model, config, scratch, dtype_name, repeats)
-            loads = timed_loads(directories, ids, repeats)
+            loads = timed_loads(directories, ids, repeats, settle)
             for fmt in directories:
                 row[fmt].update({"save_seconds": _median(saves[fmt]), "load_seconds": _median(loads[fmt]["load"]),
                                  "load_forward_seconds": _median(loads[fmt]["load_forward"]),
@@ -196,7 +246,9 @@ def run(repeats: int) -> dict:
             for key in ("load", "load_forward", "save"):
                 row[f"{key}_ratio_packed_over_dense"] = round(packed[f"{key}_seconds"] / dense[f"{key}_seconds"], 3)
             torch.save(ids, scratch / "ids.pt")
-            fresh = fresh_loads(directories, scratch / "ids.pt", repeats)
+            shapes = [list(peft_sparse.modeling.out_in(model.get_submodule(n)).shape) for n in modules]
+            subprocess.run([sys.executable, "-c", WARM_UP, str(warm_up_gib)], check=True)
+            fresh = fresh_loads(directories, scratch / "ids.pt", shapes, dtype_name, repeats, settle)
             row["fresh_process"] = {name: {f"{key}_seconds": _median(values) for key, values in measures.items()}
                                     | {"samples": {k: [round(x, 3) for x in v] for k, v in measures.items()}}
                                     for name, measures in fresh.items()}
@@ -218,12 +270,14 @@ def run(repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--settle", type=float, default=5.0, help="idle seconds before each timed load")
+    parser.add_argument("--warm-up-gib", type=float, default=6.0, help="memory a child writes before the timings")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "export.json"))
     args = parser.parse_args()
-    results = run(args.repeats)
+    results = run(args.repeats, args.settle, args.warm_up_gib)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    print(table(results))
 
 
 if __name__ == "__main__":
