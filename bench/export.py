@@ -175,6 +175,11 @@ def fresh_loads(directories: dict[str, Path], ids_path: Path, shapes: list[list[
     return samples
 
 
+def warm_up(gib: float) -> None:
+    """Have a child process write ``gib`` GiB once, so the memory the timed loads get is backed already."""
+    subprocess.run([sys.executable, "-c", WARM_UP, str(gib)], check=True)
+
+
 def table(results: dict) -> str:
     """Load seconds, dense / packed (ratio), per dtype and setting, as a Markdown table."""
     lines = ["| setting | dtype | load | load + forward |", "|---|---|---|---|"]
@@ -227,7 +232,7 @@ def run(repeats: int, settle: float, warm_up_gib: float) -> dict:
                 files = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
                 row[fmt] = {"linear_bytes": linears, "checkpoint_payload_bytes": sum(sizes.values()),
                             "safetensors_file_bytes": files}
-            subprocess.run([sys.executable, "-c", WARM_UP, str(warm_up_gib)], check=True)
+            warm_up(warm_up_gib)
             saves = timed_saves(model, config, scratch, dtype_name, repeats)
             loads = timed_loads(directories, ids, repeats, settle)
             for fmt in directories:
@@ -247,7 +252,7 @@ def run(repeats: int, settle: float, warm_up_gib: float) -> dict:
                 row[f"{key}_ratio_packed_over_dense"] = round(packed[f"{key}_seconds"] / dense[f"{key}_seconds"], 3)
             torch.save(ids, scratch / "ids.pt")
             shapes = [list(peft_sparse.modeling.out_in(model.get_submodule(n)).shape) for n in modules]
-            subprocess.run([sys.executable, "-c", WARM_UP, str(warm_up_gib)], check=True)
+            warm_up(warm_up_gib)
             fresh = fresh_loads(directories, scratch / "ids.pt", shapes, dtype_name, repeats, settle)
             row["fresh_process"] = {name: {f"{key}_seconds": _median(values) for key, values in measures.items()}
                                     | {"samples": {k: [round(x, 3) for x in v] for k, v in measures.items()}}
