@@ -8,7 +8,8 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .pruning.registry import PrunerOptions, get_pruner, get_refiner
+from .pruning.registry import PrunerOptions, get_pruner, get_quantizer, get_refiner
+from .quantization.grid import QuantScheme
 from .sparsity import SparsityPattern
 from .sparsity.packing import check_codec, default_codec
 from .sparsity.patterns import SCOPES
@@ -18,7 +19,9 @@ QUANT_METHOD = "peft_sparse"  # the name in config.json, and the pip package a r
 FORMAT_VERSION = 1  # of the packed layout (FORMAT.md); a newer one is refused with "upgrade peft_sparse"
 FORMATS = ("packed", "dense")
 # How the sparsity was obtained: kept for provenance, never needed to load, so from_dict takes unknown values.
-RECIPE_FIELDS = ("method", "method_options", "refine", "refine_options", "nsamples", "seqlen", "seed")
+RECIPE_FIELDS = ("method", "method_options", "refine", "refine_options", "quantizer", "quantizer_options", "nsamples",
+                 "seqlen", "seed")
+JOINT = "joint"  # SparseGPT's sparsify+quantize in one OBS sweep; the default quantizer of method="sparsegpt"
 
 
 @dataclass
@@ -47,6 +50,13 @@ class SparsityConfig(QuantizationConfigMixin):
             ``{"alpha": 0.25}`` or ``{"block_size": 32, "blocks_per_row": 2}`` for WRP.
         refine: registered refiner run after the method on every layer it applies to (``"dsnot"``), or ``None``.
         refine_options: options of the refiner, e.g. ``{"max_cycles": 50, "eps": 0.1, "layers": "all"}``.
+        bits: quantize the kept values to 4 or 8 bit integers (``None``: keep them in the model's float dtype).
+        group_size: dense input columns sharing one scale (default 128; ``-1`` = one scale per output channel).
+        symmetric: symmetric grid (default; zeros exact in every kernel) or an integer zero point per group.
+        quantizer: how the kept values are quantized when ``bits`` is set: ``"joint"`` (inside SparseGPT's sweep;
+            the default with ``method="sparsegpt"``), ``"gptq"``, ``"awq"`` or ``"rtn"`` (after pruning; ``"rtn"``
+            is the default of the other methods).
+        quantizer_options: options of the quantizer, e.g. ``{"percdamp": 0.01}`` for GPTQ.
         format: how ``peft_sparse.save_pretrained`` writes it: ``"packed"`` (values + positions, N:M only) or
             ``"dense"`` (exact zeros); ``None`` = packed for N:M, dense for unstructured.
         codec: packed position code, ``"b6x3"`` (2:4) or ``"bitmask"`` (any N:M); ``None`` = the smallest.
@@ -67,6 +77,11 @@ class SparsityConfig(QuantizationConfigMixin):
     method_options: dict[str, Any] = field(default_factory=dict)
     refine: str | None = None
     refine_options: dict[str, Any] = field(default_factory=dict)
+    bits: int | None = None
+    group_size: int = 128
+    symmetric: bool = True
+    quantizer: str | None = None
+    quantizer_options: dict[str, Any] = field(default_factory=dict)
     format: str | None = None
     codec: str | None = None
     modules: list[str] | None = None
@@ -104,6 +119,7 @@ class SparsityConfig(QuantizationConfigMixin):
             if not pattern.is_nm:
                 raise ValueError("codec applies to the packed N:M format; leave it None for unstructured sparsity.")
             check_codec(self.codec, pattern.n, pattern.m)
+        self.scheme  # noqa: B018  (validates bits, group_size, symmetric)
         if isinstance(self.format_version, bool) or not isinstance(self.format_version, int) or self.format_version < 1:
             raise ValueError(f"format_version must be a positive integer, got {self.format_version!r}.")
         if self.format_version > FORMAT_VERSION:
@@ -122,6 +138,12 @@ class SparsityConfig(QuantizationConfigMixin):
                 f"refine_options {sorted(self.refine_options)} given without a refiner; set refine='dsnot'."
             )
         self.refiner_options  # noqa: B018  (validates refiner name and refine_options)
+        if self.bits is None and (self.quantizer is not None or self.quantizer_options):
+            raise ValueError(f"quantizer={self.quantizer!r} / quantizer_options given without bits; set bits=4 or 8.")
+        if self.bits is not None and self.resolved_quantizer == JOINT and self.method != "sparsegpt":
+            raise ValueError(f"quantizer='joint' (quantize inside the pruning sweep) needs method='sparsegpt', not "
+                             f"{self.method!r}; use quantizer='gptq', 'awq' or 'rtn' to quantize after pruning.")
+        self.quantizer_config  # noqa: B018  (validates quantizer name and quantizer_options)
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
@@ -142,14 +164,37 @@ class SparsityConfig(QuantizationConfigMixin):
         return _build_options(get_refiner(self.refine).Options, self.refine_options, f"refiner {self.refine!r}", self)
 
     @property
+    def scheme(self) -> QuantScheme | None:
+        """The integer grid of the kept values, ``None`` when they stay floats."""
+        return None if self.bits is None else QuantScheme(self.bits, self.group_size, self.symmetric)
+
+    @property
+    def resolved_quantizer(self) -> str | None:
+        """The quantization method that runs (``None`` without ``bits``): the given one, else joint for SparseGPT."""
+        if self.bits is None:
+            return None
+        return self.quantizer or (JOINT if self.method == "sparsegpt" else "rtn")
+
+    @property
+    def quantizer_config(self) -> PrunerOptions | None:
+        """The quantizer's options dataclass, built from ``quantizer_options`` (``None`` without ``bits``)."""
+        name = self.resolved_quantizer
+        if name is None:
+            return None
+        return _build_options(get_quantizer(name).Options, self.quantizer_options, f"quantizer {name!r}", self)
+
+    @property
     def all_options(self) -> list[PrunerOptions]:
         """Options of the method and of the refiner, for the per-layer checks run before any work."""
         return [options for options in (self.options, self.refiner_options) if options is not None]
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether pruning needs calibration data: a data-driven method, or any refiner (DSnoT needs E[x], Var(x))."""
-        return get_pruner(self.method).needs_data or self.refine is not None
+        """Whether pruning needs calibration data: a data-driven method, any refiner (DSnoT needs E[x], Var(x)), or a
+        data-driven quantizer (GPTQ's Hessian, AWQ's activation scales)."""
+        quantizer = self.resolved_quantizer
+        return (get_pruner(self.method).needs_data or self.refine is not None
+                or (quantizer is not None and get_quantizer(quantizer).needs_data))
 
     @property
     def resolved_format(self) -> str:

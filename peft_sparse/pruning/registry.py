@@ -13,6 +13,7 @@ T = TypeVar("T", bound=type)
 
 PRUNERS: dict[str, type] = {}
 REFINERS: dict[str, type] = {}
+QUANTIZERS: dict[str, type] = {}
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ def register_refiner(name: str) -> Callable[[T], T]:
     return _register(REFINERS, "refiner", name)
 
 
+def register_quantizer(name: str) -> Callable[[T], T]:
+    return _register(QUANTIZERS, "quantizer", name)
+
+
 def get_pruner(name: str) -> type:
     try:
         return PRUNERS[name]
@@ -62,3 +67,10 @@ def get_refiner(name: str) -> type:
         return REFINERS[name]
     except KeyError:
         raise ValueError(f"Unknown refiner {name!r}; choose one of {sorted(REFINERS)} (or no refine).") from None
+
+
+def get_quantizer(name: str) -> type:
+    try:
+        return QUANTIZERS[name]
+    except KeyError:
+        raise ValueError(f"Unknown quantization method {name!r}; choose one of {sorted(QUANTIZERS)}.") from None

@@ -1,0 +1,36 @@
+"""Which grid a quantized layer is on: its ``weight_scale`` (and ``weight_zero_point``) buffers.
+
+A quantized sparse layer stays a plain ``Linear`` / ``Conv1D`` in memory whose weight holds the dequantized values
+(``grid.dequantize`` in the model's dtype, pruned positions exactly 0); the grid travels as buffers on that layer
+(on the plain layer inside a ``RecoverLinear``), under the names the v2 checkpoint uses:
+
+* ``weight_scale``: ``(out, in / group_size)`` in the model's dtype;
+* ``weight_zero_point``: ``(out, in / group_size)`` uint8, asymmetric grids only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn import plain_layer
+
+SCALE = "weight_scale"
+ZERO_POINT = "weight_zero_point"
+
+
+def set_grid(module: nn.Module, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+    """Record the grid of ``module``'s (already dequantized) weight."""
+    layer = plain_layer(module)
+    layer.register_buffer(SCALE, scale.to(layer.weight.dtype))
+    if zero is None:
+        layer._buffers.pop(ZERO_POINT, None)
+    else:
+        layer.register_buffer(ZERO_POINT, zero.to(torch.uint8))
+
+
+def grid_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(scale, zero point or None)`` of a quantized layer; ``None`` for a layer that is not quantized."""
+    layer = plain_layer(module)
+    scale = layer._buffers.get(SCALE)
+    return None if scale is None else (scale, layer._buffers.get(ZERO_POINT))
