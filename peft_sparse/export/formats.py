@@ -85,6 +85,7 @@ def resolve_for_save(model: nn.Module, config: SparsityConfig, format: str) -> S
     resolved.provenance = dict(config.provenance)
     resolved.format = format
     resolved.codec = config.resolved_codec if format == "packed" else config.codec
+    resolved.format_version = resolved.layout_version
     if resolved.modules is None:
         recovered = {f"{name}.base" for name, module in model.named_modules() if isinstance(module, RecoverLinear)}
         resolved.modules = [name.removesuffix(".base") if name in recovered else name  # WRP: the wrapper's name

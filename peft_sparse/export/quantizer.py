@@ -134,6 +134,7 @@ class SparsityHfQuantizer(HfQuantizer):
             self._targets = set(selected)
             config.modules = list(selected)
             config.format, config.codec = "packed", config.resolved_codec
+            config.format_version = config.layout_version
         install_side_tensors(model, side_tensor_specs(checkpoint_files or []), device="meta")
         return model
 
