@@ -4,6 +4,7 @@ quantized model bit for bit (fp32 / bf16, sharded, tied, Conv1D, WRP and SLoRB b
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -29,7 +30,7 @@ def _quantize_modules(model, scheme, modules):
     """RTN-quantize the kept values of ``modules`` (already N:M) in place, as the calibration walk leaves them."""
     for name in modules:
         layer = plain_layer(model.get_submodule(name))
-        weight = out_in(layer).float()
+        weight = out_in(layer).detach().float()
         set_grid(layer, *quantize_layer(weight, weight != 0, scheme), scheme)
 
 
@@ -244,3 +245,26 @@ def test_no_import_guard_refuses_quantized(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "REFUSED" in run.stdout and "peft_sparse" in run.stderr
     assert peft_sparse.SparsityHfQuantizer.serialized_names["weight"][2:] == ["weight_scale", "weight_zero_point"]
+
+
+def test_linear_sizes_count_the_files_and_the_limit(tmp_path):
+    from peft_sparse.export import linear_sizes
+
+    model, config = _quantized("llama", torch.float32, QuantScheme(4, 32))
+    save_pretrained(model, tmp_path / "p", config=config)
+    shapes = [tuple(out_in(module).shape) for module in select_sparse_modules(model).values()]
+    codes = sum(out * inp // 4 for out, inp in shapes)  # 2 kept of 4, two codes a byte
+    meta = sum(out * -(-inp // 12) for out, inp in shapes)  # b6x3: 12 columns a byte
+    scales = sum(out * inp // 32 * 4 for out, inp in shapes)
+    limit = sum(out * inp / 4 + out * inp / 4 * math.log2(6) / 8 for out, inp in shapes) + scales
+    sizes = linear_sizes(tmp_path / "p")
+    assert (sizes.modules, sizes.weights) == (len(shapes), sum(out * inp for out, inp in shapes))
+    assert (sizes.nbytes, sizes.grid_nbytes) == (codes + meta + scales, scales)
+    assert sizes.limit_nbytes == pytest.approx(limit, rel=1e-12) and sizes.ratio_to_limit > 1
+    unstructured = make_tiny_model("llama")
+    prune(unstructured, SparsityConfig(method="magnitude", sparsity=0.5))
+    save_pretrained(unstructured, tmp_path / "d", "dense")
+    dense = linear_sizes(tmp_path / "d")
+    assert dense.nbytes == 4 * dense.weights and dense.grid_nbytes == 0
+    half = sum(math.lgamma(out * inp + 1) - 2 * math.lgamma(out * inp // 2 + 1) for out, inp in shapes)
+    assert dense.limit_nbytes == pytest.approx(dense.weights * 2 + half / math.log(2) / 8, rel=1e-9)

@@ -1,7 +1,7 @@
 """Export: the dense and packed checkpoint formats, the transformers quantizer that loads them, cards and the Hub."""
 
 from .card import Perplexity, model_card
-from .formats import FORMATS, SaveFormat, get_format, save_pretrained, sparsity_config_of
+from .formats import FORMATS, LinearSizes, SaveFormat, get_format, linear_sizes, save_pretrained, sparsity_config_of
 from .quantizer import SparsityHfQuantizer, register
 from .semi_structured import to_semi_structured
 
@@ -11,10 +11,12 @@ from .hub import push_to_hub  # noqa: E402 (after register(): the Hub helpers lo
 
 __all__ = [
            "FORMATS",
+           "LinearSizes",
            "Perplexity",
            "SaveFormat",
            "SparsityHfQuantizer",
            "get_format",
+           "linear_sizes",
            "model_card",
            "push_to_hub",
            "register",

@@ -3,9 +3,12 @@
 * ``dense``: exact zeros in a plain transformers checkpoint with **no** ``quantization_config`` (loaders that do not
   know ``peft_sparse`` would warn or refuse); the sparsity config goes to ``sparsity_config.json`` instead. Any
   transformers loads it.
-* ``packed``: ``quantization_config`` in ``config.json`` and, per sparse module, the kept values under
-  ``<module>.weight`` plus ``<module>.weight_meta`` (``FORMAT.md``). Loading needs ``import peft_sparse``; without it
-  transformers fails on the size mismatch instead of initialising random weights.
+* ``packed``: ``quantization_config`` in ``config.json`` and, per sparse module, the kept values (or, quantized,
+  their int4 / int8 codes and scales) under ``<module>.weight*`` plus ``<module>.weight_meta`` (``FORMAT.md``).
+  Loading needs ``import peft_sparse``; without it transformers fails on the size mismatch instead of initialising
+  random weights.
+* ``compressed-tensors``: a symmetric quantized model in compressed-tensors' ``pack-quantized`` layout (pruned
+  weights are zero codes of a dense grid); plain transformers and vLLM load it. Needs the optional extra.
 
 Saving is atomic: the checkpoint is written to a temporary sibling directory and renamed into place.
 """
@@ -14,11 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import SparsityConfig
@@ -27,6 +33,8 @@ from ..modeling import out_in, select_sparse_modules
 from ..nn import RecoverLinear, plain_layer
 from ..quantization.packed import check_grid
 from ..quantization.state import grid_of
+from ..sparsity.packing import information_limit_nbytes
+from .compressed import check_exportable, compressed_copy
 from .modules import side_tensor_names
 from .quantizer import SparsityHfQuantizer, grid_mismatch
 
@@ -97,8 +105,10 @@ def resolve_for_save(model: nn.Module, config: SparsityConfig, format: str) -> S
     if missing:
         raise ValueError(f"Sparse modules {missing[:3]} of the config have no weight in this model; is it the "
                          "model the config was made for?")
-    if format == "packed":
+    if format in ("packed", "compressed-tensors"):
         _check_grids(model, resolved)
+    if format == "compressed-tensors":
+        check_exportable(model, resolved)
     return resolved
 
 
@@ -135,10 +145,95 @@ def _save_dense(model: nn.Module, directory: Path, config: SparsityConfig, kwarg
     write_json(directory / SIDE_FILE, config.to_dict())
 
 
+def _save_compressed_tensors(model: nn.Module, directory: Path, config: SparsityConfig,
+                             kwargs: dict[str, Any]) -> None:
+    with _quantizer_state(model, None):  # the copy carries no peft_sparse quantizer
+        export, compressor = compressed_copy(model, config)
+    export.save_pretrained(directory, **kwargs)
+    compressor.update_config(str(directory))
+    write_json(directory / SIDE_FILE, config.to_dict())
+
+
 FORMATS: dict[str, SaveFormat] = {
     "dense": SaveFormat("dense", "plain transformers checkpoint with exact zeros; loads anywhere", _save_dense),
     "packed": SaveFormat("packed", "kept values + positions (N:M only); needs import peft_sparse", _save_packed),
+    "compressed-tensors": SaveFormat("compressed-tensors", "symmetric int4/int8 pack-quantized, pruned weights as "
+                                     "zero codes; loads in plain transformers and vLLM", _save_compressed_tensors),
 }
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_GRID_LEAVES = ("weight_scale", "weight_zero_point")
+
+
+@dataclass(frozen=True)
+class LinearSizes:
+    """The sparse linears of a checkpoint on disk: how many dense weights they have, the bytes of every tensor they
+    store (values or codes, positions, scales, zero points, side tensors), of those the scales and zero points
+    (``grid_nbytes``), and the information limit of their content (``limit_nbytes``: the kept values at their bit
+    width, ``log2 C(M, N)`` bits per group, or ``log2 C(weights, kept)`` for unstructured sparsity, plus the scales
+    and zero points as stored)."""
+
+    modules: int
+    weights: int
+    nbytes: int
+    grid_nbytes: int
+    limit_nbytes: float
+
+    @property
+    def fraction_of_fp32(self) -> float:
+        return self.nbytes / (4 * self.weights)
+
+    @property
+    def ratio_to_limit(self) -> float:
+        return self.nbytes / self.limit_nbytes
+
+
+def _headers(directory: Path) -> dict[str, tuple[int, int]]:
+    """``{key: (elements, bytes per element)}`` of every tensor in ``directory``'s safetensors files."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118  (safe_open is not a dict)
+                view = handle.get_slice(key)
+                out[key] = (math.prod(view.get_shape()), _DTYPE_BYTES[view.get_dtype()])
+    return out
+
+
+def linear_sizes(directory: str | Path) -> LinearSizes:
+    """Measure the sparse linears of a saved checkpoint (any format; the config names them) from the file headers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    side = directory / SIDE_FILE
+    if side.exists():
+        config = SparsityConfig.from_dict(json.loads(side.read_text()))
+    else:
+        config = SparsityConfig.from_dict(json.loads((directory / "config.json").read_text())["quantization_config"])
+    with torch.device("meta"):  # the dense shapes, without reading a weight
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    headers, pattern = _headers(directory), config.sparsity_pattern
+    weights = nbytes = grid = 0
+    limit = 0.0
+    for name in config.modules or ():
+        out_features, in_features = out_in(plain_layer(skeleton.get_submodule(name))).shape
+        stored = {key.rpartition(".")[2]: size for key, size in headers.items() if key.rpartition(".")[0] == name}
+        value_bytes = config.bits / 8 if config.bits else stored["weight"][1]
+        if pattern.is_nm:
+            limit += information_limit_nbytes(out_features, in_features, pattern.n, pattern.m, value_bytes)
+        else:
+            total = out_features * in_features
+            kept = total - round(total * pattern.sparsity)
+            log_choices = math.lgamma(total + 1) - math.lgamma(kept + 1) - math.lgamma(total - kept + 1)
+            limit += kept * value_bytes + log_choices / math.log(2) / 8
+        grid_bytes = sum(count * size for leaf, (count, size) in stored.items() if leaf in _GRID_LEAVES)
+        limit += grid_bytes
+        grid += grid_bytes
+        weights += out_features * in_features
+        nbytes += sum(count * size for count, size in stored.values())
+    return LinearSizes(len(config.modules or ()), weights, nbytes, grid, limit)
 
 
 def get_format(name: str) -> SaveFormat:

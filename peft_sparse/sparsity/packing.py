@@ -73,8 +73,9 @@ def packed_nbytes(out_features: int, in_features: int, n: int, m: int, codec: st
     return out_features * (in_features // m * n) * element_size + rows * cols
 
 
-def information_limit_nbytes(out_features: int, in_features: int, n: int, m: int, element_size: int) -> float:
-    """Fewest bytes any lossless layout needs: the kept values plus log2(C(M, N)) bits per group."""
+def information_limit_nbytes(out_features: int, in_features: int, n: int, m: int, element_size: float) -> float:
+    """Fewest bytes any lossless layout needs: the kept values (``element_size`` bytes each, 0.5 for int4) plus
+    log2(C(M, N)) bits per group."""
     groups = out_features * (in_features // m)
     return groups * n * element_size + groups * math.log2(math.comb(m, n)) / 8
 
@@ -201,11 +202,13 @@ def _check_width(weight: torch.Tensor, n: int, m: int, name: str) -> None:
 def kept_positions(weight: torch.Tensor, n: int, m: int, name: str = "weight") -> torch.Tensor:
     """The bool keep set of an N:M ``(out, in)`` weight; raises if any group has more than N nonzeros."""
     _check_width(weight, n, m, name)
-    nonzero = weight != 0
-    over = int((nonzero.reshape(weight.shape[0], -1, m).sum(-1) > n).sum())
+    nonzero = (weight != 0).reshape(weight.shape[0], -1, m)
+    count = nonzero.sum(-1, keepdim=True, dtype=torch.int16)
+    over = int((count > n).sum())
     if over:
         _refuse_dense(over, n, m, name)
-    return nm_mask(nonzero.to(torch.int8), n, m)  # every nonzero, padded with the lowest-index zeros
+    zeros_so_far = (~nonzero).cumsum(-1, dtype=torch.int16)  # every nonzero, padded with the lowest-index zeros
+    return nonzero.logical_or_(zeros_so_far <= n - count).view(weight.shape)
 
 
 # The rank codec: colex ranks (combinatorial number system) of each group's kept columns, k to a B-byte word.
