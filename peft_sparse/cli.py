@@ -32,7 +32,7 @@ from .pruning.registry import PRUNERS, REFINERS
 from .sparsity.patterns import SCOPES
 
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
-SAVE_FORMATS = ("dense", "packed")  # peft_sparse.export.FORMATS
+SAVE_FORMATS = ("dense", "packed", "compressed-tensors")  # peft_sparse.export.FORMATS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -123,7 +123,7 @@ def _add_push_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_export_parser(commands) -> None:
-    parser = commands.add_parser("export", help="re-save a sparse checkpoint as packed or dense")
+    parser = commands.add_parser("export", help="re-save a sparse checkpoint as packed, dense or compressed-tensors")
     parser.add_argument("source", metavar="SRC", help="a sparse checkpoint directory or hub id (packed or dense)")
     parser.add_argument("--format", choices=SAVE_FORMATS, required=True, help="output format")
     parser.add_argument("--output", required=True, help="output directory (written atomically)")

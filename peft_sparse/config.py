@@ -17,7 +17,7 @@ from .sparsity.patterns import SCOPES
 DEFAULT_PATTERN = "2:4"
 QUANT_METHOD = "peft_sparse"  # the name in config.json, and the pip package a reader needs
 FORMAT_VERSION = 2  # newest packed layout read (FORMAT.md); a newer one is refused with "upgrade peft_sparse"
-FORMATS = ("packed", "dense")
+FORMATS = ("packed", "dense", "compressed-tensors")
 # How the sparsity was obtained: kept for provenance, never needed to load, so from_dict takes unknown values.
 RECIPE_FIELDS = ("method", "method_options", "refine", "refine_options", "quantizer", "quantizer_options", "nsamples",
                  "seqlen", "seed")
@@ -57,8 +57,9 @@ class SparsityConfig(QuantizationConfigMixin):
             the default with ``method="sparsegpt"``), ``"gptq"``, ``"awq"`` or ``"rtn"`` (after pruning; ``"rtn"``
             is the default of the other methods).
         quantizer_options: options of the quantizer, e.g. ``{"percdamp": 0.01}`` for GPTQ.
-        format: how ``peft_sparse.save_pretrained`` writes it: ``"packed"`` (values + positions, N:M only) or
-            ``"dense"`` (exact zeros); ``None`` = packed for N:M, dense for unstructured.
+        format: how ``peft_sparse.save_pretrained`` writes it: ``"packed"`` (values + positions, N:M only),
+            ``"dense"`` (exact zeros) or ``"compressed-tensors"`` (symmetric quantized models, dense int codes);
+            ``None`` = packed for N:M, dense for unstructured.
         codec: packed position code, ``"b6x3"`` (2:4), ``"rank"`` (1:2, 4:8, 8:16) or ``"bitmask"`` (any N:M);
             ``None`` = the smallest.
         modules: the sparse module names, filled in when a model is saved or pruned on load.
