@@ -69,7 +69,8 @@ def prune(
 
     Bad input (unknown layers, widths not divisible by M, missing calibration) raises before the model is touched.
     """
-    plan = engine.plan(model, config.sparsity_pattern, config.targets, config.ignore, config.all_options)
+    plan = engine.plan(model, config.sparsity_pattern, config.targets, config.ignore, config.all_options,
+                         config.scheme)
     ids = resolve_calibration(model, config, calibration, tokenizer)
     report = engine.run(model, config, plan, ids)
     model.peft_sparse_config = config  # what peft_sparse.save_pretrained(model, ...) writes
