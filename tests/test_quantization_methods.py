@@ -277,3 +277,44 @@ def test_pass_two_forwards_the_quantized_block(tiny_model_factory):
     got, want = _block_linears(model), _block_linears(expected)
     for name in got:
         torch.testing.assert_close(out_in(got[name]), out_in(want[name]), rtol=1e-5, atol=1e-6)
+
+
+# ---------- peft_sparse.quantize: an already-sparse model ----------
+
+
+@pytest.mark.parametrize("quantizer", ["gptq", "rtn"])
+def test_quantize_keeps_the_existing_mask(tiny_model_factory, quantizer):
+    from peft_sparse import quantize
+
+    model = tiny_model_factory("llama")
+    prune(model, SparsityConfig(method="wanda", pattern="2:4"), calibration=_ids(model))
+    before = {name: out_in(module).clone() for name, module in _block_linears(model).items()}
+    config = SparsityConfig(pattern="2:4", bits=4, group_size=32, quantizer=quantizer)
+    quantize(model, config, calibration=_ids(model))
+    for name, module in _block_linears(model).items():
+        weight = out_in(module)
+        assert torch.equal(weight[before[name] == 0], torch.zeros_like(weight[before[name] == 0])), name  # mask kept
+        codes_of(weight, *grid_of(module), config.scheme, name)
+    assert model.peft_sparse_config is config
+
+
+def test_quantize_refuses_a_model_that_is_not_nm_before_any_work(tiny_model_factory):
+    from peft_sparse import quantize
+
+    model = tiny_model_factory("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="is not 2:4 sparse"):
+        quantize(model, SparsityConfig(pattern="2:4", bits=4, group_size=32, quantizer="gptq"), calibration=_ids(model))
+    with pytest.raises(ValueError, match="'joint' prunes"):
+        quantize(model, SparsityConfig(method="sparsegpt", pattern="2:4", bits=4, group_size=32))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_quantize_a_dense_model(tiny_model_factory):
+    from peft_sparse import quantize
+
+    model = tiny_model_factory("llama")
+    config = SparsityConfig(sparsity=0.0, bits=8, group_size=-1, quantizer="gptq")
+    quantize(model, config, calibration=_ids(model))
+    for name, module in _block_linears(model).items():
+        codes_of(out_in(module), *grid_of(module), config.scheme, name)
