@@ -63,6 +63,7 @@ class Pruner:
 
     Options: ClassVar[type] = NoOptions
     needs_data: ClassVar[bool] = True
+    block_stage: ClassVar[bool] = False  # a composite whose quantizer works per block (``quantize_block``)
     name: ClassVar[str]
 
     def __init__(self, options: Any, pattern: SparsityPattern) -> None:

@@ -87,6 +87,7 @@ class _Target:
     stats: Any = None
     owner: _Target | None = None  # an earlier target fed the same input tensor, whose statistics we share
     sample: torch.Tensor | None = None  # first calibration sample's input, for the reconstruction error
+    dense: torch.Tensor | None = None  # the fp32 weight before pruning, kept for a block stage's error
 
     @property
     def shared_stats(self) -> Any:
@@ -117,6 +118,8 @@ def plan(
             f"Only layers inside the decoder blocks ({blocks_name}.*) can be pruned sequentially, but targets also "
             f"match {outside[:3]}; narrow `targets` or add them to `ignore`."
         )
+    for method_options in options:
+        method_options.check_blocks(blocks)
     for name, module in selected.items():
         shape = tuple(out_in(module).shape)
         pattern.check_width(shape[1], name)
@@ -254,6 +257,8 @@ def _prune_target(
     start = time.perf_counter()
     matrix = out_in(target.module)
     dense = matrix.detach().to(device=device, dtype=torch.float32)
+    if pruner.block_stage:
+        target.dense = dense = dense.clone()  # ``dense`` may share storage with the weight
     if pruner.needs_data and target.shared_stats is None:  # e.g. an MoE expert no calibration token reached
         logger.warning("%s received no calibration input; pruning it by magnitude instead.", target.name)
         result = _without_data(dense, pruner.pattern, scheme)
@@ -290,7 +295,26 @@ def prune_block(
         if replacement is not None:
             block.set_submodule(local_names[id(target.module)], replacement)
         reports.append(report)
+    if pruner.block_stage and targets:
+        _quantize_block(block, targets, reports, pruner, batches, scheme, local_names)
     return reports
+
+
+def _quantize_block(block: nn.Module, targets: list[_Target], reports: list[LayerReport], pruner: Pruner,
+                    batches: list[Batch], scheme: QuantScheme, local_names: dict[int, str]) -> None:
+    """The block stage (AWQ): quantize every pruned target at once, store it, redo its reconstruction error."""
+    start = time.perf_counter()
+    results = pruner.quantize_block(block, {local_names[id(t.module)]: t.module for t in targets}, batches)
+    share = (time.perf_counter() - start) / len(targets)
+    for target, report in zip(targets, reports):
+        quantized, scale, zero, original = results[local_names[id(target.module)]]
+        matrix = out_in(target.module)
+        matrix.copy_(_stored(PruneResult(quantized, quantized != 0, grid=(scale, zero)), scheme, matrix.dtype))
+        set_grid(target.module, scale, zero)
+        if target.sample is not None:
+            report.error = reconstruction_error(target.sample, target.dense, original)
+        report.seconds += share
+        target.dense = None
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..pruning.base import Pruner, PruneResult
 from ..pruning.registry import NoOptions, register_quantizer
@@ -25,6 +26,7 @@ class Quantizer:
 
     Options: ClassVar[type] = NoOptions
     needs_data: ClassVar[bool] = True
+    block_stage: ClassVar[bool] = False  # quantizes a whole block after its targets are pruned (AWQ)
     name: ClassVar[str]
 
     def __init__(self, options: Any, scheme: QuantScheme) -> None:
@@ -51,6 +53,13 @@ class Quantizer:
         quantized, scale, zero = self.quantize(result.weight, result.mask, stats)
         return dataclasses.replace(result, weight=quantized, grid=(scale, zero))
 
+    def quantize_block(self, block: nn.Module, targets: dict[str, nn.Module], batches: list[Any]
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """Block-level quantizers (``block_stage``): quantize the pruned ``targets`` (block-local names) of
+        ``block`` given the block's input ``batches``; per target ``(weight on the grid, scale, zero, the weight in
+        the block's original coordinates)``."""
+        raise NotImplementedError
+
 
 class Quantized(Pruner):
     """A pruner followed by a quantizer, as one pruner: statistics are the pair, collected in one pass and shared
@@ -61,6 +70,8 @@ class Quantized(Pruner):
         self.pruner = pruner
         self.quantizer = quantizer
         self.needs_data = pruner.needs_data or quantizer.needs_data
+        self.block_stage = quantizer.block_stage
+        self.quantize_block = quantizer.quantize_block
         self.name = f"{pruner.name}+{quantizer.name}"
 
     def new_stats(self, in_features: int, device: torch.device) -> tuple[Any, Any]:
