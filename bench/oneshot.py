@@ -241,12 +241,17 @@ def run_job(job: Job, settings: Settings) -> Row:
     return row
 
 
-def run_isolated(job: Job, settings: Settings) -> Row:
-    """``run_job`` in a fresh spawned process (clean RSS high-water mark, no state shared between rows)."""
+def run_isolated_call(fn, *args: Any) -> Any:
+    """``fn(*args)`` in a fresh spawned process (clean RSS high-water mark, no state shared between rows)."""
     os.environ["TQDM_DISABLE"] = "1"  # inherited by the worker: no progress bars (tqdm reads it at import)
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(run_job, job, settings).result()
+        return pool.submit(fn, *args).result()
+
+
+def run_isolated(job: Job, settings: Settings) -> Row:
+    """``run_job`` in a fresh spawned process."""
+    return run_isolated_call(run_job, job, settings)
 
 
 # ------------------------------------------------------------------------------------------------- the driver

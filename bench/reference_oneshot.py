@@ -47,8 +47,8 @@ REPO_FLAGS = {"sparsegpt": "sparsegpt_repo", "dsnot": "dsnot_repo", "wrp": "wrp_
 class ReferenceRun:
     """One reference pruning call: method, pattern ("2:4" or "unstructured" at `sparsity`), and the repo paths.
 
-    ``options`` are the reference CLI's own, for DSnoT (``initial_method``, ``skip_layer``, ...) and WRP
-    (``alpha``, or ``recover_format="block_ELL"`` with ``blocksize`` and ``topn``).
+    ``options`` are the reference CLI's own, for SparseGPT (``wbits``), DSnoT (``initial_method``, ``skip_layer``,
+    ...) and WRP (``alpha``, or ``recover_format="block_ELL"`` with ``blocksize`` and ``topn``).
     """
 
     method: str
@@ -188,12 +188,14 @@ def _wanda_args(run: ReferenceRun, nsamples: int) -> types.SimpleNamespace:
 
 
 def _sparsegpt_args(run: ReferenceRun, nsamples: int) -> types.SimpleNamespace:
-    """The module-global `args` of SparseGPT's `llama.py` with its CLI defaults for this run."""
+    """The module-global `args` of SparseGPT's `llama.py` with its CLI defaults, overridden by `run.options`."""
     prunen, prunem = run.zeros_per_group
-    return types.SimpleNamespace(
+    args = dict(
         nsamples=nsamples, sparsity=run.sparsity, prunen=prunen, prunem=prunem, blocksize=128, percdamp=0.01,
         wbits=16, minlayer=-1, maxlayer=1000, prune_only="", invert=False, true_sequential=False,
     )  # fmt: skip
+    args.update(run.options)  # e.g. wbits=4: the joint sparsify+quantize mode
+    return types.SimpleNamespace(**args)
 
 
 def _call_wanda(run: ReferenceRun, model, tokenizer, loader) -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ..sparsity import SparsityPattern
 
 T = TypeVar("T", bound=type)
@@ -25,6 +27,9 @@ class PrunerOptions:
 
     def check_layer(self, shape: tuple[int, int], name: str) -> None:
         """Raise if these options cannot prune the ``(out, in)`` layer ``name``."""
+
+    def check_blocks(self, blocks: nn.ModuleList) -> None:
+        """Raise if these options cannot work on the model's decoder ``blocks`` (AWQ: unknown norm/linear pairs)."""
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,8 @@ class QuantScheme:
 
 def expand_groups(per_group: torch.Tensor, in_features: int) -> torch.Tensor:
     """``(out, groups)`` -> ``(out, in)``: each group's value repeated over its dense columns."""
-    return per_group.repeat_interleave(in_features // per_group.shape[1], dim=1)
+    repeats = in_features // per_group.shape[1]
+    return per_group if repeats == 1 else per_group.repeat_interleave(repeats, dim=1)  # 1: a single column's grid
 
 
 def fit_scales(weight: torch.Tensor, keep: torch.Tensor, scheme: QuantScheme
