@@ -58,6 +58,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="hub id (name or org/name), local model directory, path to a .gguf file, or 'smollm2' "
                         "(offline demo model); a name starting with . / ~ or not shaped like a hub id is a local path")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default float32)")
+    parser.add_argument("--tokenizer", metavar="TOKENIZER", help="hub id or directory of the tokenizer, for a model "
+                        "directory saved without one (default: the model's own)")
 
 
 @contextlib.contextmanager
@@ -197,14 +199,21 @@ def _check_source(source: str, what: str) -> None:
     check_local_file(source)
 
 
-def load_model(name: str, dtype: torch.dtype):
-    """``name`` through :func:`load_model_and_tokenizer`; ``"smollm2"`` (unless a local path) is the demo model."""
-    from .models import SMOLLM2_NAME, load_model_and_tokenizer, smollm2
+def load_model(name: str, dtype: torch.dtype | str, tokenizer: str | None = None, purpose: str | None = None):
+    """``name`` through :func:`load_model_and_tokenizer` (every subcommand loads this way); ``"smollm2"`` (unless a
+    local path) is the demo model. ``tokenizer`` replaces the model's own; ``purpose`` (what needs a tokenizer, if
+    anything) turns a missing one into an error naming the directory and the fix."""
+    from .models import SMOLLM2_NAME, load_model_and_tokenizer, load_tokenizer, missing_tokenizer, smollm2
 
     if name == SMOLLM2_NAME and not Path(name).exists():
-        model, tokenizer = smollm2()
-        return model.to(dtype), tokenizer
-    return load_model_and_tokenizer(name, dtype=dtype)
+        model, own = smollm2()
+        model = model.to(dtype) if isinstance(dtype, torch.dtype) else model
+    else:
+        model, own = load_model_and_tokenizer(name, dtype=dtype)
+    own = load_tokenizer(tokenizer) if tokenizer is not None else own
+    if own is None and purpose is not None:
+        raise missing_tokenizer(name, purpose)
+    return model, own
 
 
 def checked_calibration(model, config: SparsityConfig, calibration, tokenizer):
@@ -232,7 +241,8 @@ def run_prune(args: argparse.Namespace) -> None:
             raise SparseConfigError(
                 "--save-format packed stores N:M patterns only; use --save-format dense for --sparsity."
             )
-        model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+        purpose = f"{config.method} calibration" if config.needs_calibration else None
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.tokenizer, purpose)
         calibration = args.calibration if config.needs_calibration else None  # magnitude alone: data-free
         calibration = checked_calibration(model, config, calibration, tokenizer)
     report = prune(model, config, calibration=calibration)
@@ -245,7 +255,8 @@ def run_prune(args: argparse.Namespace) -> None:
         )
     with atomic_directory(output) as staging:
         get_format(args.save_format).save(model, staging, resolve_for_save(model, config, args.save_format), {})
-        tokenizer.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         summary = {"model": args.model, "calibration": args.calibration, "save_format": args.save_format,
                    "exactly_nm": config.sparsity_pattern.is_nm and not merged}
         write_json(staging / "prune_report.json", {**summary, "config": config.to_dict(), **report.to_dict()})
@@ -270,29 +281,19 @@ def _maybe_push(repo: str | None, directory: Path, model, config: SparsityConfig
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .export import save_pretrained, sparsity_config_of
 
     with user_input():
         output = check_output_dir(args.output, args.overwrite)
-        source = Path(args.source).expanduser()
-        side = source / SIDE_FILE
+        side = Path(args.source).expanduser() / SIDE_FILE
         pattern = SparsityConfig(method="magnitude", pattern=args.pattern) if args.pattern else None
-        if pattern is None and source.is_dir() and not side.exists() and not (source / "config.json").exists():
-            raise InputNotFoundError(f"no such model directory: {args.source}")
-        kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
-        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+        model, tokenizer = load_model(args.source, DTYPES[args.dtype] if args.dtype else "auto")
         config = sparsity_config_of(model) or pattern
         if config is None and side.exists():
             config = SparsityConfig.from_dict(json.loads(side.read_text()))
         if config is None:
             raise SparseConfigError(f"{args.source} is a dense checkpoint without {SIDE_FILE}; pass --pattern N:M "
                                     "to say which sparsity it has.")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(source))
-        except (OSError, ValueError):
-            tokenizer = None
     save_pretrained(model, output, args.format, config=config, tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"Exported {args.source} as {args.format} -> {output}")
     _maybe_push(args.push_to_hub, output, model, config, args.format)
@@ -311,7 +312,7 @@ def run_train(args: argparse.Namespace) -> None:
         _check_source(data_args.data, "training data")
         output = check_output_dir(train_args.output_dir, model_args.overwrite)
         count = data_args.window_count(train_args)
-        model, tokenizer = load_model(model_args.model, DTYPES[model_args.dtype])
+        model, tokenizer = load_model(model_args.model, DTYPES[model_args.dtype], purpose="training")
         windows = load_calibration(data_args.data, tokenizer, nsamples=count, seqlen=data_args.seqlen,
                                    seed=data_args.window_seed)
         if prune_config is not None:
@@ -340,7 +341,7 @@ def run_eval(args: argparse.Namespace) -> None:
     with user_input():
         _check_source(args.data, "evaluation data")
         output = _check_output_file(args.output)
-        model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.tokenizer, "evaluation")
     result = perplexity(model, tokenizer, args.data, args.seqlen, args.max_windows, args.batch_size)
     print(f"ppl {result.ppl:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.seconds:.1f} s)")
     if output is not None:
