@@ -125,3 +125,4 @@ def test_every_method_calibrates_each_block_on_the_models_own_inputs(arch, metho
         assert inputs, f"block {index} was never run"
         for hidden in inputs:  # pass 1 and pass 2 of the engine (the last block has no pass 2)
             torch.testing.assert_close(hidden, expected[index], rtol=1e-5, atol=1e-5)
+

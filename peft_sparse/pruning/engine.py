@@ -98,6 +98,24 @@ class _Target:
         return self.owner.stats if self.owner is not None else self.stats
 
 
+def _check_not_offloaded(model: nn.Module) -> None:
+    """Refuse weights that accelerate offloads (``device_map`` with ``"disk"``, or CPU offload beside a GPU): its
+    hooks reload them from the offload store at every forward, so in-place pruning would be lost or fail halfway."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    offloaded = [name for name, device in device_map.items() if device == "disk"]
+    for name, module in model.named_modules():
+        hooked = getattr(getattr(module, "_hf_hook", None), "offload", False)
+        if hooked and not any(name == done or name.startswith(done + ".") for done in offloaded):
+            offloaded.append(name)  # outermost offloaded modules only
+    if offloaded:
+        raise ValueError(
+            f"{', '.join(offloaded[:3])}{' ...' if len(offloaded) > 3 else ''} of this model are offloaded by "
+            "accelerate (device_map with 'disk' or CPU offload), whose weights cannot be pruned in place. Prune the "
+            "checkpoint block by block instead: peft_sparse.prune_checkpoint(source, output, config) or "
+            "peft-sparse prune --stream (it never holds more than one block)."
+        )
+
+
 def plan(
     model: nn.Module,
     pattern: SparsityPattern,
@@ -107,6 +125,7 @@ def plan(
 ) -> Plan:
     """Resolve and check blocks and targets (:func:`~peft_sparse.modeling.select_sparse_modules`); raises before
     anything is modified. Sequential pruning needs every target inside a decoder block."""
+    _check_not_offloaded(model)
     blocks_name, blocks = find_decoder_blocks(model)
     selected = select_sparse_modules(model, targets, ignore)
     per_block = []
