@@ -115,6 +115,10 @@ def _add_prune_parser(commands) -> None:
                         "recover matrix is added into the weights, which are then no longer exactly N:M); packed: "
                         "kept values + positions (N:M only, ~54%% of dense bf16 linears; wrp: the recover matrix "
                         "is stored next to them), needs import peft_sparse")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction,
+                        help="prune checkpoint to checkpoint one block at a time, never holding the model (a local "
+                        "safetensors directory; same output). Default: stream when the model would not fit the "
+                        "memory this process sees (cgroup limit, else available RAM)")
     _add_push_arg(parser)
     parser.set_defaults(handler=run_prune)
 
@@ -225,6 +229,39 @@ def checked_calibration(model, config: SparsityConfig, calibration, tokenizer):
     return resolve_calibration(model, config, calibration, tokenizer)
 
 
+def _streams(args: argparse.Namespace) -> bool:
+    """``--stream``/``--no-stream``, else whether a local safetensors model would not fit in memory."""
+    from .stream import fits_in_memory
+
+    if args.stream is not None:
+        return args.stream
+    path = Path(args.model).expanduser()
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        return False  # hub ids, GGUF files, the demo model: loaded in memory
+    streams = not fits_in_memory(path, DTYPES[args.dtype])
+    if streams:
+        logging.getLogger(__name__).warning("%s would not fit in memory: pruning it block by block (--no-stream "
+                                            "to load it whole).", args.model)
+    return streams
+
+
+def _run_prune_streamed(args: argparse.Namespace, config: SparsityConfig, output: Path) -> None:
+    from .models import load_tokenizer
+    from .stream import CheckpointJob
+
+    with user_input():
+        if args.push_to_hub:
+            raise SparseConfigError("--push-to-hub writes a model card from the pruned model in memory; prune with "
+                                    "--no-stream, or upload the streamed output folder afterwards.")
+        config.provenance.update(base_model=args.model, calibration=args.calibration)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        calibration = args.calibration if config.needs_calibration else None
+        job = CheckpointJob.prepare(args.model, output, config, calibration, tokenizer, args.save_format,
+                                    DTYPES[args.dtype], overwrite=args.overwrite)
+    report = job.run()
+    print(f"Pruned {args.model} ({report.method}, {config.sparsity_pattern}, streamed) -> {output}")
+
+
 def run_prune(args: argparse.Namespace) -> None:
     from . import prune
     from .nn import merge_recovered
@@ -241,6 +278,11 @@ def run_prune(args: argparse.Namespace) -> None:
             raise SparseConfigError(
                 "--save-format packed stores N:M patterns only; use --save-format dense for --sparsity."
             )
+        stream = _streams(args)
+    if stream:
+        _run_prune_streamed(args, config, output)
+        return
+    with user_input():
         purpose = f"{config.method} calibration" if config.needs_calibration else None
         model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.tokenizer, purpose)
         calibration = args.calibration if config.needs_calibration else None  # magnitude alone: data-free
@@ -258,7 +300,7 @@ def run_prune(args: argparse.Namespace) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         summary = {"model": args.model, "calibration": args.calibration, "save_format": args.save_format,
-                   "exactly_nm": config.sparsity_pattern.is_nm and not merged}
+                   "exactly_nm": config.sparsity_pattern.is_nm and not merged, "streamed": False}
         write_json(staging / "prune_report.json", {**summary, "config": config.to_dict(), **report.to_dict()})
     print(f"Pruned {args.model} ({report.method}, {config.sparsity_pattern}) -> {output}")
     _maybe_push(args.push_to_hub, output, model, config, args.save_format)

@@ -169,6 +169,27 @@ def load_tokenizer(name_or_path: str) -> object:
         raise ValueError(f"Could not load the tokenizer {name_or_path!r}: {error}") from error
 
 
+def checkpoint_directory(name_or_path: str) -> Path:
+    """The local checkpoint directory of a decoder-only causal LM that streamed pruning reads, checked like
+    :func:`load_model_and_tokenizer` checks its input (same errors for a missing path or a non-LM config)."""
+    location, gguf_file = _resolve_local(name_or_path, None)
+    if gguf_file or not Path(location).is_dir():
+        raise ValueError(
+            f"Streamed pruning reads a local checkpoint directory, and {name_or_path!r} is "
+            f"{'a GGUF file' if gguf_file else 'a hub id'}: download it first (hf download {name_or_path} "
+            "--local-dir DIR) or prune it in memory (--no-stream)."
+        )
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except OSError as error:
+        raise ValueError(f"Could not read the config of {name_or_path!r}: {error}") from error
+    _check_causal_lm(config, name_or_path)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(f"{name_or_path!r} is a quantized (or packed sparse) checkpoint; streamed pruning reads "
+                         "dense weights. Export it as dense first (peft-sparse export --format dense).")
+    return Path(location)
+
+
 def load_model_and_tokenizer(
     name_or_path: str, dtype: torch.dtype | str = torch.float32, gguf_file: str | None = None
 ) -> tuple[torch.nn.Module, object | None]:

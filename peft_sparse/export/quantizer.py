@@ -87,6 +87,33 @@ class PruneOnLoad(_QuantizerOp):
         return {key: to_storage(module, pruned.to(weight.dtype)).contiguous()}
 
 
+def packed_state_dict(module: nn.Module, targets: set[str], config: SparsityConfig,
+                      prefix: str = "") -> dict[str, torch.Tensor]:
+    """``module``'s state dict as the packed format stores it, keys prefixed with ``prefix`` (``module``'s name in
+    the model: the whole model's or one block's): each target's weight (full names) packed into values + ``_meta``,
+    refusing one that lost its pattern; a ``RecoverLinear`` under its own name (``X.base.weight`` -> ``X.weight``,
+    ``X.recover_*`` as they are)."""
+    pattern, codec = config.sparsity_pattern, config.resolved_codec
+    recovered = {f"{name}.base" for name, child in module.named_modules() if isinstance(child, RecoverLinear)}
+    state = {}
+    for key, tensor in module.state_dict().items():
+        local, _, leaf = key.rpartition(".")
+        local = local.removesuffix(".base") if local in recovered else local  # X.base.weight -> X.weight
+        name = prefix + local
+        if leaf == "weight" and name in targets:
+            layer = plain_layer(module.get_submodule(local))
+            state[f"{name}.{leaf}"], state[f"{name}.{leaf}{META_SUFFIX}"] = packing.pack(
+                to_storage(layer, tensor), pattern.n, pattern.m, codec, name=name)
+        else:
+            state[f"{name}.{leaf}" if local else prefix + leaf] = tensor
+    return state
+
+
+def format_metadata(config: SparsityConfig) -> dict[str, str]:
+    """The safetensors header entry of a packed checkpoint's shards."""
+    return {"peft_sparse_format": f"v{config.format_version} {config.resolved_codec} {config.sparsity_pattern}"}
+
+
 def _single(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, (list, tuple)) else value
 
@@ -160,22 +187,8 @@ class SparsityHfQuantizer(HfQuantizer):
 
     # ---- saving ----
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        config = self.quantization_config
-        pattern, codec = config.sparsity_pattern, config.resolved_codec
-        recovered = {f"{name}.base" for name, module in model.named_modules() if isinstance(module, RecoverLinear)}
-        state = {}
-        for key, tensor in model.state_dict().items():
-            module_name, _, leaf = key.rpartition(".")
-            if module_name in recovered:  # X.base.weight -> X.weight: the plain model's names
-                module_name = module_name.removesuffix(".base")
-                key = f"{module_name}.{leaf}"
-            if leaf == "weight" and module_name in self._targets:
-                module = plain_layer(model.get_submodule(module_name))
-                state[key], state[key + META_SUFFIX] = packing.pack(to_storage(module, tensor), pattern.n,
-                                                                    pattern.m, codec, name=module_name)
-            else:
-                state[key] = tensor
-        return state, {"peft_sparse_format": f"v{config.format_version} {codec} {pattern}"}
+        return packed_state_dict(model, self._targets, self.quantization_config), format_metadata(
+            self.quantization_config)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True

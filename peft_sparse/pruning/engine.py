@@ -18,7 +18,8 @@ Design (as in the Wanda and SparseGPT papers, without their hard-coded ``model.m
   pair, so both are collected in the same pass and shared the same way;
 * a result whose ``extras`` hold a recover matrix (WRP) replaces its layer by a :class:`~peft_sparse.nn.RecoverLinear`
   before pass 2, so the next block sees the recovered outputs;
-* with CUDA available and the model on CPU, each block visits the GPU in turn (how a 70B is pruned on one GPU).
+* a :class:`BlockStore` says where the blocks are: in the model (with CUDA available and the model on CPU, each
+  block visits the GPU in turn), or read from a checkpoint and written out one at a time (:mod:`peft_sparse.stream`).
 
 All checks (blocks found, targets found, widths divisible by M, per-layer option checks such as WRP's block size)
 run in :func:`plan` before the model is touched.
@@ -304,18 +305,31 @@ def prune_block(
     return reports
 
 
-@contextlib.contextmanager
-def _visiting(block: nn.Module, offload: bool) -> Iterator[torch.device]:
-    """Yield the device the block runs on; with ``offload`` it visits the GPU for the duration."""
-    if not offload:
-        yield next(block.parameters()).device
-        return
-    device = torch.device("cuda")
-    block.to(device)
-    try:
-        yield device
-    finally:
-        block.to("cpu")
+class BlockStore:
+    """Where the blocks live during the walk. This one: in the model, as loaded; with CUDA available and the model on
+    CPU, each block visits the GPU in turn (how a 70B is pruned on one GPU). The streamed store
+    (:mod:`peft_sparse.stream`) reads each block from a checkpoint and writes it out instead."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.offload = torch.cuda.is_available() and all(p.device.type == "cpu" for p in model.parameters())
+
+    @contextlib.contextmanager
+    def capturing(self, model: nn.Module) -> Iterator[None]:
+        """The modules before the first block are usable for the duration (here: always)."""
+        yield
+
+    @contextlib.contextmanager
+    def visit(self, index: int, block: nn.Module) -> Iterator[torch.device]:
+        """Yield the device block ``index`` runs on; with ``offload`` it visits the GPU for the duration."""
+        if not self.offload:
+            yield next(block.parameters()).device
+            return
+        device = torch.device("cuda")
+        block.to(device)
+        try:
+            yield device
+        finally:
+            block.to("cpu")
 
 
 @contextlib.contextmanager
@@ -345,20 +359,25 @@ def build_pruner(config: SparsityConfig) -> Pruner:
     return Refined(pruner, get_refiner(config.refine)(config.refiner_options, pattern))
 
 
-def run(model: nn.Module, config: SparsityConfig, plan: Plan, calibration: torch.Tensor | None) -> PruneReport:
-    """Prune ``model`` in place following ``plan``; ``calibration`` is ``(nsamples, seqlen)`` token ids or None."""
+def run(
+    model: nn.Module, config: SparsityConfig, plan: Plan, calibration: torch.Tensor | None,
+    store: BlockStore | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place following ``plan``; ``calibration`` is ``(nsamples, seqlen)`` token ids or None;
+    ``store`` says where the blocks are (default: in ``model``)."""
     pattern = config.sparsity_pattern
     pruner = build_pruner(config)
     report = PruneReport(method=pruner.name, pattern=str(pattern))
     start = time.perf_counter()
-    offload = torch.cuda.is_available() and all(p.device.type == "cpu" for p in model.parameters())
+    store = BlockStore(model) if store is None else store
     was_training = model.training
     model.eval()  # no dropout in the calibration forwards
     try:
         with torch.no_grad(), _exact_fp32_matmul():
-            batches = None if calibration is None else capture_inputs(model, plan.blocks, calibration)
+            with store.capturing(model):
+                batches = None if calibration is None else capture_inputs(model, plan.blocks, calibration)
             for index, block in enumerate(tqdm(plan.blocks, desc=f"{pruner.name} {pattern}", unit="block")):
-                with _visiting(block, offload) as device:
+                with store.visit(index, block) as device:
                     batches = _batches_to(batches, device)
                     report.layers += prune_block(block, plan.targets[index], pruner, batches, device)
                     if batches is not None and index + 1 < len(plan.blocks):
