@@ -6,8 +6,9 @@ as the rotary ``inv_freq``, which no checkpoint holds, computed as usual). The e
 :class:`CheckpointBlocks` store that
 
 * loads the modules before the first block (embeddings; never the output head) for the capture, then drops them;
-* reads each block's tensors from the shards just before its turn (straight to the GPU when there is one), and after
-  it writes the block, packed or dense, to its own shard and sends it back to ``meta``.
+* reads each block's tensors from the shards just before its turn (straight to the GPU when there is one, where the
+  in-memory path moves each block to it), and after it writes the block, packed or dense, to its own shard and sends
+  it back to ``meta``.
 
 The tensors outside the blocks are then copied through one at a time, ``config.json`` is written, and the shard index
 last, all inside the atomic staging directory (:func:`peft_sparse.io.atomic_directory`). The output equals
@@ -178,9 +179,10 @@ class CheckpointBlocks(engine.BlockStore):
 
     @contextlib.contextmanager
     def capturing(self, model: nn.Module) -> Iterator[None]:
+        """On CPU, as the in-memory path captures a CPU model (its rotary buffers are there too)."""
         loaded = []
         for name, module in self._outside_modules():
-            _assign(module, {leaf: self._read(f"{name}.{leaf}", self.device) for leaf in module.state_dict()
+            _assign(module, {leaf: self._read(f"{name}.{leaf}") for leaf in module.state_dict()
                              if "." not in leaf and f"{name}.{leaf}" in self.reader})
             loaded.append(module)
         try:
@@ -193,6 +195,7 @@ class CheckpointBlocks(engine.BlockStore):
     def visit(self, index: int, block: nn.Module) -> Iterator[torch.device]:
         prefix = f"{self.blocks_name}.{index}."
         _assign(block, {key: self._read(prefix + key, self.device) for key in block.state_dict()})
+        block.to(self.device)  # buffers outside the state dict, if any (the parameters are there already)
         yield self.device
         if self.save_format == "packed":
             tensors = packed_state_dict(block, set(self.config.modules), self.config, prefix=prefix)
