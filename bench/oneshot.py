@@ -174,12 +174,12 @@ def config_for(method: str, pattern: str):
 
 @torch.no_grad()
 def two_pass_floor(model, calibration: torch.Tensor) -> None:
-    """The least a sequential method must do: capture block-0 inputs, run each block twice over the data."""
+    """The least a sequential method must do: capture the block inputs, run each block twice over the data."""
     from peft_sparse.modeling import find_decoder_blocks
     from peft_sparse.pruning.engine import capture_inputs, forward_block
 
     _, blocks = find_decoder_blocks(model)
-    batches = capture_inputs(model, blocks[0], calibration)
+    batches = capture_inputs(model, blocks, calibration)
     for block in blocks:
         forward_block(block, batches)  # pass 1 (where statistics would be collected)
         batches = forward_block(block, batches)  # pass 2 feeds the next block

@@ -39,6 +39,7 @@ _LAZY = {
     "perplexity": ".evaluation",
     "load_model_and_tokenizer": ".models",
     "smollm2": ".models",
+    "prune_checkpoint": ".stream",
 }
 
 

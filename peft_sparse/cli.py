@@ -58,6 +58,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="hub id (name or org/name), local model directory, path to a .gguf file, or 'smollm2' "
                         "(offline demo model); a name starting with . / ~ or not shaped like a hub id is a local path")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default float32)")
+    parser.add_argument("--tokenizer", metavar="TOKENIZER", help="hub id or directory of the tokenizer, for a model "
+                        "directory saved without one (default: the model's own)")
 
 
 @contextlib.contextmanager
@@ -113,6 +115,10 @@ def _add_prune_parser(commands) -> None:
                         "recover matrix is added into the weights, which are then no longer exactly N:M); packed: "
                         "kept values + positions (N:M only, ~54%% of dense bf16 linears; wrp: the recover matrix "
                         "is stored next to them), needs import peft_sparse")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction,
+                        help="prune checkpoint to checkpoint one block at a time, never holding the model (a local "
+                        "safetensors directory; same output). Default: stream when the model would not fit the "
+                        "memory this process sees (cgroup limit, else available RAM)")
     _add_push_arg(parser)
     parser.set_defaults(handler=run_prune)
 
@@ -197,14 +203,21 @@ def _check_source(source: str, what: str) -> None:
     check_local_file(source)
 
 
-def load_model(name: str, dtype: torch.dtype):
-    """``name`` through :func:`load_model_and_tokenizer`; ``"smollm2"`` (unless a local path) is the demo model."""
-    from .models import SMOLLM2_NAME, load_model_and_tokenizer, smollm2
+def load_model(name: str, dtype: torch.dtype | str, tokenizer: str | None = None, purpose: str | None = None):
+    """``name`` through :func:`load_model_and_tokenizer` (every subcommand loads this way); ``"smollm2"`` (unless a
+    local path) is the demo model. ``tokenizer`` replaces the model's own; ``purpose`` (what needs a tokenizer, if
+    anything) turns a missing one into an error naming the directory and the fix."""
+    from .models import SMOLLM2_NAME, load_model_and_tokenizer, load_tokenizer, missing_tokenizer, smollm2
 
     if name == SMOLLM2_NAME and not Path(name).exists():
-        model, tokenizer = smollm2()
-        return model.to(dtype), tokenizer
-    return load_model_and_tokenizer(name, dtype=dtype)
+        model, own = smollm2()
+        model = model.to(dtype) if isinstance(dtype, torch.dtype) else model
+    else:
+        model, own = load_model_and_tokenizer(name, dtype=dtype)
+    own = load_tokenizer(tokenizer) if tokenizer is not None else own
+    if own is None and purpose is not None:
+        raise missing_tokenizer(name, purpose)
+    return model, own
 
 
 def checked_calibration(model, config: SparsityConfig, calibration, tokenizer):
@@ -215,6 +228,39 @@ def checked_calibration(model, config: SparsityConfig, calibration, tokenizer):
     engine.plan(model, config.sparsity_pattern, config.targets, config.ignore, config.all_options,
                 config.scheme)
     return resolve_calibration(model, config, calibration, tokenizer)
+
+
+def _streams(args: argparse.Namespace) -> bool:
+    """``--stream``/``--no-stream``, else whether a local safetensors model would not fit in memory."""
+    from .stream import fits_in_memory
+
+    if args.stream is not None:
+        return args.stream
+    path = Path(args.model).expanduser()
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        return False  # hub ids, GGUF files, the demo model: loaded in memory
+    streams = not fits_in_memory(path, DTYPES[args.dtype])
+    if streams:
+        logging.getLogger(__name__).warning("%s would not fit in memory: pruning it block by block (--no-stream "
+                                            "to load it whole).", args.model)
+    return streams
+
+
+def _run_prune_streamed(args: argparse.Namespace, config: SparsityConfig, output: Path) -> None:
+    from .models import load_tokenizer
+    from .stream import CheckpointJob
+
+    with user_input():
+        if args.push_to_hub:
+            raise SparseConfigError("--push-to-hub writes a model card from the pruned model in memory; prune with "
+                                    "--no-stream, or upload the streamed output folder afterwards.")
+        config.provenance.update(base_model=args.model, calibration=args.calibration)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        calibration = args.calibration if config.needs_calibration else None
+        job = CheckpointJob.prepare(args.model, output, config, calibration, tokenizer, args.save_format,
+                                    DTYPES[args.dtype], overwrite=args.overwrite)
+    report = job.run()
+    print(f"Pruned {args.model} ({report.method}, {config.sparsity_pattern}, streamed) -> {output}")
 
 
 def run_prune(args: argparse.Namespace) -> None:
@@ -233,7 +279,13 @@ def run_prune(args: argparse.Namespace) -> None:
             raise SparseConfigError(
                 "--save-format packed stores N:M patterns only; use --save-format dense for --sparsity."
             )
-        model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+        stream = _streams(args)
+    if stream:
+        _run_prune_streamed(args, config, output)
+        return
+    with user_input():
+        purpose = f"{config.method} calibration" if config.needs_calibration else None
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.tokenizer, purpose)
         calibration = args.calibration if config.needs_calibration else None  # magnitude alone: data-free
         calibration = checked_calibration(model, config, calibration, tokenizer)
     report = prune(model, config, calibration=calibration)
@@ -246,9 +298,10 @@ def run_prune(args: argparse.Namespace) -> None:
         )
     with atomic_directory(output) as staging:
         get_format(args.save_format).save(model, staging, resolve_for_save(model, config, args.save_format), {})
-        tokenizer.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         summary = {"model": args.model, "calibration": args.calibration, "save_format": args.save_format,
-                   "exactly_nm": config.sparsity_pattern.is_nm and not merged}
+                   "exactly_nm": config.sparsity_pattern.is_nm and not merged, "streamed": False}
         write_json(staging / "prune_report.json", {**summary, "config": config.to_dict(), **report.to_dict()})
     print(f"Pruned {args.model} ({report.method}, {config.sparsity_pattern}) -> {output}")
     _maybe_push(args.push_to_hub, output, model, config, args.save_format)
@@ -271,29 +324,19 @@ def _maybe_push(repo: str | None, directory: Path, model, config: SparsityConfig
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .export import save_pretrained, sparsity_config_of
 
     with user_input():
         output = check_output_dir(args.output, args.overwrite)
-        source = Path(args.source).expanduser()
-        side = source / SIDE_FILE
+        side = Path(args.source).expanduser() / SIDE_FILE
         pattern = SparsityConfig(method="magnitude", pattern=args.pattern) if args.pattern else None
-        if pattern is None and source.is_dir() and not side.exists() and not (source / "config.json").exists():
-            raise InputNotFoundError(f"no such model directory: {args.source}")
-        kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
-        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+        model, tokenizer = load_model(args.source, DTYPES[args.dtype] if args.dtype else "auto")
         config = sparsity_config_of(model) or pattern
         if config is None and side.exists():
             config = SparsityConfig.from_dict(json.loads(side.read_text()))
         if config is None:
             raise SparseConfigError(f"{args.source} is a dense checkpoint without {SIDE_FILE}; pass --pattern N:M "
                                     "to say which sparsity it has.")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(source))
-        except (OSError, ValueError):
-            tokenizer = None
     save_pretrained(model, output, args.format, config=config, tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"Exported {args.source} as {args.format} -> {output}")
     _maybe_push(args.push_to_hub, output, model, config, args.format)
@@ -312,7 +355,7 @@ def run_train(args: argparse.Namespace) -> None:
         _check_source(data_args.data, "training data")
         output = check_output_dir(train_args.output_dir, model_args.overwrite)
         count = data_args.window_count(train_args)
-        model, tokenizer = load_model(model_args.model, DTYPES[model_args.dtype])
+        model, tokenizer = load_model(model_args.model, DTYPES[model_args.dtype], purpose="training")
         windows = load_calibration(data_args.data, tokenizer, nsamples=count, seqlen=data_args.seqlen,
                                    seed=data_args.window_seed)
         if prune_config is not None:
@@ -341,7 +384,7 @@ def run_eval(args: argparse.Namespace) -> None:
     with user_input():
         _check_source(args.data, "evaluation data")
         output = _check_output_file(args.output)
-        model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.tokenizer, "evaluation")
     result = perplexity(model, tokenizer, args.data, args.seqlen, args.max_windows, args.batch_size)
     print(f"ppl {result.ppl:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.seconds:.1f} s)")
     if output is not None:

@@ -139,26 +139,79 @@ def rebuild_from_gguf(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
     return plain.eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _has_tokenizer(location: str, gguf_file: str | None) -> bool:
+    """Whether a tokenizer can be looked for at ``location``: a hub id or GGUF file, or a directory holding one of
+    ``TOKENIZER_FILES`` (a checkpoint saved without its tokenizer has none)."""
+    path = Path(location)
+    return bool(gguf_file) or not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def missing_tokenizer(name_or_path: str, purpose: str) -> ValueError:
+    """The error for a model without tokenizer files when ``purpose`` needs one, naming the fix."""
+    return ValueError(
+        f"{name_or_path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...), and {purpose} needs a "
+        "tokenizer: pass one (CLI: --tokenizer DIR_OR_HUB_ID; Python: tokenizer=AutoTokenizer.from_pretrained(...)) "
+        "or copy the base model's tokenizer files into that directory."
+    )
+
+
+def load_tokenizer(name_or_path: str) -> object:
+    """A tokenizer from a hub id, a local directory or a GGUF file, with the model loader's path checks."""
+    location, gguf_file = _resolve_local(name_or_path, None)
+    if not _has_tokenizer(location, gguf_file):
+        raise missing_tokenizer(name_or_path, "this")
+    try:
+        return AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except OSError as error:
+        raise ValueError(f"Could not load the tokenizer {name_or_path!r}: {error}") from error
+
+
+def checkpoint_directory(name_or_path: str) -> Path:
+    """The local checkpoint directory of a decoder-only causal LM that streamed pruning reads, checked like
+    :func:`load_model_and_tokenizer` checks its input (same errors for a missing path or a non-LM config)."""
+    location, gguf_file = _resolve_local(name_or_path, None)
+    if gguf_file or not Path(location).is_dir():
+        raise ValueError(
+            f"Streamed pruning reads a local checkpoint directory, and {name_or_path!r} is "
+            f"{'a GGUF file' if gguf_file else 'a hub id'}: download it first (hf download {name_or_path} "
+            "--local-dir DIR) or prune it in memory (--no-stream)."
+        )
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except OSError as error:
+        raise ValueError(f"Could not read the config of {name_or_path!r}: {error}") from error
+    _check_causal_lm(config, name_or_path)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(f"{name_or_path!r} is a quantized (or packed sparse) checkpoint; streamed pruning reads "
+                         "dense weights. Export it as dense first (peft-sparse export --format dense).")
+    return Path(location)
+
+
 def load_model_and_tokenizer(
-    name_or_path: str, dtype: torch.dtype = torch.float32, gguf_file: str | None = None
-) -> tuple[torch.nn.Module, object]:
+    name_or_path: str, dtype: torch.dtype | str = torch.float32, gguf_file: str | None = None
+) -> tuple[torch.nn.Module, object | None]:
     """A causal LM (eval mode) and its tokenizer from a hub id, a local directory, or a GGUF file.
 
     Args:
         name_or_path: hub id, local model directory, or path to a ``.gguf`` file.
-        dtype: parameter dtype (default float32; GGUF weights are dequantized to it).
+        dtype: parameter dtype (default float32; GGUF weights are dequantized to it; ``"auto"``: as saved).
         gguf_file: GGUF file name inside ``name_or_path``; the model is rebuilt so that it can be saved.
 
-    Raises ``ValueError`` for what peft_sparse must not prune: an encoder, an encoder-decoder or a non-LM config (from
-    config.json, before the tokenizer and weights load), and a checkpoint with weights missing or of the wrong shape
-    (which transformers would only log and initialise at random); ``FileNotFoundError`` for a missing local path.
+    The tokenizer is ``None`` for a local directory without tokenizer files (only data-driven work needs one; see
+    :func:`missing_tokenizer`). Raises ``ValueError`` for what peft_sparse must not prune: an encoder, an
+    encoder-decoder or a non-LM config (from config.json, before the tokenizer and weights load), a checkpoint with
+    weights missing or of the wrong shape (which transformers would only log and initialise at random), and a hub id
+    that cannot be fetched; ``FileNotFoundError`` for a missing local path.
     """
     location, gguf_file = _resolve_local(name_or_path, gguf_file)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         if not gguf_file:  # reading a GGUF's config costs as much as its tensors; GGUF files hold LMs anyway
             _check_causal_lm(AutoConfig.from_pretrained(location), name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra) if _has_tokenizer(location, gguf_file) else None
         model, info = AutoModelForCausalLM.from_pretrained(
             location, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **extra
         )  # ignore_mismatched_sizes: report the mismatched names below instead of transformers' RuntimeError
@@ -166,7 +219,7 @@ def load_model_and_tokenizer(
         raise ValueError(f"Could not load model {name_or_path!r}: {error}") from error
     _check_loading_info(info, model, name_or_path)
     if gguf_file:
-        model = rebuild_from_gguf(model, dtype)
+        model = rebuild_from_gguf(model, model.dtype)
     return model.eval(), tokenizer
 
 

@@ -104,7 +104,7 @@ def test_captured_kwargs_replay_the_model(tiny_model_factory, arch):
     _, blocks = find_decoder_blocks(model)
     with torch.no_grad():
         expected = model(ids, output_hidden_states=True).hidden_states
-        batches = capture_inputs(model, blocks[0], ids)
+        batches = capture_inputs(model, blocks, ids)
         torch.testing.assert_close(torch.cat([b.hidden for b in batches]), expected[0])
         for index in range(len(blocks) - 1):  # the last hidden state has the final norm applied
             batches = forward_block(blocks[index], batches)

@@ -310,7 +310,7 @@ def test_real_layer_error_sparsegpt_below_wanda_below_magnitude(smollm2, layer):
     inputs = []
     handle = module.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
     with torch.no_grad():
-        forward_block(blocks[1], forward_block(blocks[0], capture_inputs(model, blocks[0], ids)))
+        forward_block(blocks[1], forward_block(blocks[0], capture_inputs(model, blocks, ids)))
     handle.remove()
     x, w = torch.cat(inputs).float(), module.weight.detach().float()
     pattern = SparsityPattern.parse("2:4")

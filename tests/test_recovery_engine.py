@@ -66,9 +66,10 @@ def test_dsnot_statistics_are_shared_between_qkv():
     model = make_tiny_model()
     config = SparsityConfig(method="wanda", refine="dsnot")
     pruner = engine.build_pruner(config)
-    block = find_decoder_blocks(model)[1][0]
+    blocks = find_decoder_blocks(model)[1]
+    block = blocks[0]
     targets = [engine._Target(n, m) for n, m in block.named_modules() if is_sparse_layer(m)]
-    batches = engine.capture_inputs(model, block, _ids(model))
+    batches = engine.capture_inputs(model, blocks, _ids(model))
     engine._collect_statistics(block, targets, pruner, batches)
     by_name = {t.name: t for t in targets}
     assert by_name["self_attn.k_proj"].owner is by_name["self_attn.q_proj"]

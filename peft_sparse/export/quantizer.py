@@ -113,6 +113,44 @@ def grid_mismatch(name: str, scheme: Any) -> str:
             "(peft_sparse.quantize) or save with bits=None.")
 
 
+def packed_state_dict(module: nn.Module, targets: set[str], config: SparsityConfig,
+                      prefix: str = "") -> dict[str, torch.Tensor]:
+    """``module``'s state dict as the packed format stores it, keys prefixed with ``prefix`` (``module``'s name in
+    the model: the whole model's or one block's): each target's weight (full names) packed into values (quantized:
+    codes) + ``_meta``, refusing one that lost its pattern or its grid; a ``RecoverLinear`` under its own name
+    (``X.base.weight`` -> ``X.weight``, ``X.recover_*`` as they are); grid buffers as they are."""
+    pattern, codec, scheme = config.sparsity_pattern, config.resolved_codec, config.scheme
+    recovered = {f"{name}.base" for name, child in module.named_modules() if isinstance(child, RecoverLinear)}
+    state = {}
+    for key, tensor in module.state_dict().items():
+        local, _, leaf = key.rpartition(".")
+        local = local.removesuffix(".base") if local in recovered else local  # X.base.weight -> X.weight
+        name = prefix + local
+        if leaf == "weight" and name in targets:
+            layer = plain_layer(module.get_submodule(local))
+            grid = grid_of(layer)
+            if (grid is None) != (scheme is None):
+                raise ValueError(grid_mismatch(name, scheme))
+            if isinstance(layer, IntLinear):  # its weight is the kernel's int layout
+                tensor = layer.dequantized_weight()
+            if scheme is None:
+                stored = packing.pack(to_storage(layer, tensor), pattern.n, pattern.m, codec, name=name)
+            else:
+                stored = packed.encode_layer(to_storage(layer, tensor), *grid, scheme, pattern.n, pattern.m, codec,
+                                             name)
+            state[f"{name}.{leaf}"], state[f"{name}.{leaf}{META_SUFFIX}"] = stored
+        else:
+            state[f"{name}.{leaf}" if local else prefix + leaf] = tensor
+    return state
+
+
+def format_metadata(config: SparsityConfig) -> dict[str, str]:
+    """The safetensors header entry of a packed checkpoint's shards."""
+    scheme = config.scheme
+    layout = f"v{config.format_version} {config.resolved_codec} {config.sparsity_pattern}"
+    return {"peft_sparse_format": layout + ("" if scheme is None else f" {scheme}")}
+
+
 def _single(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, (list, tuple)) else value
 
@@ -202,30 +240,8 @@ class SparsityHfQuantizer(HfQuantizer):
 
     # ---- saving ----
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        config = self.quantization_config
-        pattern, codec, scheme = config.sparsity_pattern, config.resolved_codec, config.scheme
-        recovered = {f"{name}.base" for name, module in model.named_modules() if isinstance(module, RecoverLinear)}
-        state = {}
-        for key, tensor in model.state_dict().items():
-            module_name, _, leaf = key.rpartition(".")
-            if module_name in recovered:  # X.base.weight -> X.weight: the plain model's names
-                module_name = module_name.removesuffix(".base")
-                key = f"{module_name}.{leaf}"
-            if leaf == "weight" and module_name in self._targets:
-                module = plain_layer(model.get_submodule(module_name))
-                grid = grid_of(module)
-                if (grid is None) != (scheme is None):
-                    raise ValueError(grid_mismatch(module_name, scheme))
-                if scheme is None:
-                    state[key], state[key + META_SUFFIX] = packing.pack(to_storage(module, tensor), pattern.n,
-                                                                        pattern.m, codec, name=module_name)
-                else:
-                    state[key], state[key + META_SUFFIX] = packed.encode_layer(
-                        to_storage(module, tensor), *grid, scheme, pattern.n, pattern.m, codec, module_name)
-            else:
-                state[key] = tensor  # weight_scale / weight_zero_point of quantized modules pass as they are
-        layout = f"v{config.format_version} {codec} {pattern}" + ("" if scheme is None else f" {scheme}")
-        return state, {"peft_sparse_format": layout}
+        return packed_state_dict(model, self._targets, self.quantization_config), format_metadata(
+            self.quantization_config)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True

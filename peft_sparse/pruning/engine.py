@@ -3,9 +3,11 @@
 Design (as in the Wanda and SparseGPT papers, without their hard-coded ``model.model.layers``):
 
 * the decoder blocks are the ``nn.ModuleList`` whose length is ``config.num_hidden_layers``;
-* the first block's inputs and *all* its keyword arguments (``position_embeddings``, ``attention_mask``, ...) are
-  captured by a forward pre-hook that stops the forward, one batch of samples at a time, so the kwargs always match
-  the batch they were captured with;
+* the first block's inputs and *every* block's own call arguments (``position_embeddings``, ``attention_mask``, ...)
+  are captured in one forward per batch of samples in which each block is an identity stub with a recording
+  pre-hook: transformers picks a block's mask and rotary embedding by ``config.layer_types[i]`` (Gemma 2/3
+  alternate sliding and full attention with different RoPE; sliding-window Qwen2), so block 0's arguments are wrong
+  for later blocks. The stubs need no block weights (the capture also runs on a ``meta`` skeleton);
 * per block: pass 1 forwards every sample through the dense block while hooks feed each target's inputs to the
   pruner's statistics (stopping as soon as every target has seen its input); every target is pruned; pass 2
   forwards again through the pruned block to produce the next block's inputs. Only one block's activations and
@@ -21,7 +23,8 @@ Design (as in the Wanda and SparseGPT papers, without their hard-coded ``model.m
   sweep), the weight holds the codes dequantized in the model's dtype (pruned entries exactly +0.0) and the layer
   records ``weight_scale`` / ``weight_zero_point``; pass 2 forwards the quantized block, so the quantization error
   of block i reaches block i+1 as the pruning error does;
-* with CUDA available and the model on CPU, each block visits the GPU in turn (how a 70B is pruned on one GPU).
+* a :class:`BlockStore` says where the blocks are: in the model (with CUDA available and the model on CPU, each
+  block visits the GPU in turn), or read from a checkpoint and written out one at a time (:mod:`peft_sparse.stream`).
 
 All checks (blocks found, targets found, widths divisible by M and by the group size, per-layer option checks such
 as WRP's block size) run in :func:`plan` before the model is touched.
@@ -60,16 +63,27 @@ _TOKENS_PER_BATCH = 1024  # samples batched through a block up to this many toke
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once the first block's inputs are recorded."""
+    """Raised by a hook to end a forward early (the capture once the last block's arguments are recorded)."""
+
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]  # one block's positional (after the hidden states) and keyword args
 
 
 @dataclass
 class Batch:
-    """Inputs of the current block for a few calibration samples: hidden states plus the captured call arguments."""
+    """Inputs of the current block for a few calibration samples: hidden states plus the call arguments of this
+    block and of every later one (``calls[0]`` is this block's; blocks of one layer type share the same objects)."""
 
     hidden: torch.Tensor
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
+    calls: tuple[Call, ...]
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return self.calls[0][0]
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return self.calls[0][1]
 
 
 @dataclass
@@ -94,6 +108,24 @@ class _Target:
         return self.owner.stats if self.owner is not None else self.stats
 
 
+def _check_not_offloaded(model: nn.Module) -> None:
+    """Refuse weights that accelerate offloads (``device_map`` with ``"disk"``, or CPU offload beside a GPU): its
+    hooks reload them from the offload store at every forward, so in-place pruning would be lost or fail halfway."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    offloaded = [name for name, device in device_map.items() if device == "disk"]
+    for name, module in model.named_modules():
+        hooked = getattr(getattr(module, "_hf_hook", None), "offload", False)
+        if hooked and not any(name == done or name.startswith(done + ".") for done in offloaded):
+            offloaded.append(name)  # outermost offloaded modules only
+    if offloaded:
+        raise ValueError(
+            f"{', '.join(offloaded[:3])}{' ...' if len(offloaded) > 3 else ''} of this model are offloaded by "
+            "accelerate (device_map with 'disk' or CPU offload), whose weights cannot be pruned in place. Prune the "
+            "checkpoint block by block instead: peft_sparse.prune_checkpoint(source, output, config) or "
+            "peft-sparse prune --stream (it never holds more than one block)."
+        )
+
+
 def plan(
     model: nn.Module,
     pattern: SparsityPattern,
@@ -105,6 +137,7 @@ def plan(
     """Resolve and check blocks and targets (:func:`~peft_sparse.modeling.select_sparse_modules`); raises before
     anything is modified. Sequential pruning needs every target inside a decoder block, and with a quantization
     ``scheme`` every target's width divisible by its group size."""
+    _check_not_offloaded(model)
     blocks_name, blocks = find_decoder_blocks(model)
     selected = select_sparse_modules(model, targets, ignore)
     per_block = []
@@ -141,25 +174,43 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def capture_inputs(model: nn.Module, first_block: nn.Module, calibration: torch.Tensor) -> list[Batch]:
-    """Run the model up to ``first_block`` and record its inputs and call arguments, batch by batch."""
-    captured: list[Batch] = []
+@contextlib.contextmanager
+def _identity_blocks(blocks: Sequence[nn.Module], record: Any) -> Iterator[None]:
+    """Every block returns its hidden states unchanged and reports ``(index, args, kwargs)`` to ``record`` first."""
+    with contextlib.ExitStack() as stack:
+        for index, block in enumerate(blocks):
+            block.forward = lambda hidden_states, *args, **kwargs: hidden_states  # instance attribute: a stub
+            stack.callback(block.__dict__.pop, "forward", None)
+            handle = block.register_forward_pre_hook(
+                lambda module, args, kwargs, index=index: record(index, args, kwargs), with_kwargs=True)
+            stack.callback(handle.remove)
+        yield
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+
+def capture_inputs(model: nn.Module, blocks: Sequence[nn.Module], calibration: torch.Tensor) -> list[Batch]:
+    """Run the model with identity blocks and record, batch by batch, the first block's inputs and each block's own
+    call arguments (the forward stops at the last block)."""
+    captured: list[Batch] = []
+    hidden: list[torch.Tensor] = []
+    calls: list[Call] = []
+
+    def record(index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(Batch(hidden, tuple(args[1:]), kwargs))
-        raise _StopForward
+        hidden_states = args[0] if args else kwargs.pop("hidden_states")
+        if index == 0:
+            hidden.append(hidden_states)
+        calls.append((tuple(args[1:]), kwargs))
+        if index == len(blocks) - 1:
+            captured.append(Batch(hidden.pop(), tuple(calls)))
+            calls.clear()
+            raise _StopForward
 
     device = model.get_input_embeddings().weight.device
     batch_size = max(1, _TOKENS_PER_BATCH // calibration.shape[1])
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with _identity_blocks(blocks, record):
         for start in range(0, calibration.shape[0], batch_size):
             with contextlib.suppress(_StopForward):
                 model(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        handle.remove()
     return captured
 
 
@@ -168,7 +219,7 @@ def forward_block(block: nn.Module, batches: list[Batch]) -> list[Batch]:
     outputs = []
     for batch in batches:
         out = block(batch.hidden, *batch.args, **batch.kwargs)
-        outputs.append(Batch(out[0] if isinstance(out, tuple) else out, batch.args, batch.kwargs))
+        outputs.append(Batch(out[0] if isinstance(out, tuple) else out, batch.calls[1:]))
     return outputs
 
 
@@ -317,18 +368,31 @@ def _quantize_block(block: nn.Module, targets: list[_Target], reports: list[Laye
         target.dense = None
 
 
-@contextlib.contextmanager
-def _visiting(block: nn.Module, offload: bool) -> Iterator[torch.device]:
-    """Yield the device the block runs on; with ``offload`` it visits the GPU for the duration."""
-    if not offload:
-        yield next(block.parameters()).device
-        return
-    device = torch.device("cuda")
-    block.to(device)
-    try:
-        yield device
-    finally:
-        block.to("cpu")
+class BlockStore:
+    """Where the blocks live during the walk. This one: in the model, as loaded; with CUDA available and the model on
+    CPU, each block visits the GPU in turn (how a 70B is pruned on one GPU). The streamed store
+    (:mod:`peft_sparse.stream`) reads each block from a checkpoint and writes it out instead."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.offload = torch.cuda.is_available() and all(p.device.type == "cpu" for p in model.parameters())
+
+    @contextlib.contextmanager
+    def capturing(self, model: nn.Module) -> Iterator[None]:
+        """The modules before the first block are usable for the duration (here: always)."""
+        yield
+
+    @contextlib.contextmanager
+    def visit(self, index: int, block: nn.Module) -> Iterator[torch.device]:
+        """Yield the device block ``index`` runs on; with ``offload`` it visits the GPU for the duration."""
+        if not self.offload:
+            yield next(block.parameters()).device
+            return
+        device = torch.device("cuda")
+        block.to(device)
+        try:
+            yield device
+        finally:
+            block.to("cpu")
 
 
 @contextlib.contextmanager
@@ -343,11 +407,10 @@ def _exact_fp32_matmul() -> Iterator[None]:
 
 
 def _batches_to(batches: list[Batch] | None, device: torch.device) -> list[Batch] | None:
+    """The batches with their hidden states and the current block's arguments on ``device`` (later blocks' stay)."""
     if batches is None:
         return None
-    return [
-        Batch(_to_device(b.hidden, device), _to_device(b.args, device), _to_device(b.kwargs, device)) for b in batches
-    ]
+    return [Batch(_to_device(b.hidden, device), (_to_device(b.calls[0], device), *b.calls[1:])) for b in batches]
 
 
 def with_quantizer(pruner: Pruner, config: SparsityConfig) -> Pruner:
@@ -370,21 +433,24 @@ def build_pruner(config: SparsityConfig) -> Pruner:
 def run(
     model: nn.Module, config: SparsityConfig, plan: Plan, calibration: torch.Tensor | None,
     pruner: Pruner | None = None,
+    store: BlockStore | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place following ``plan``; ``calibration`` is ``(nsamples, seqlen)`` token ids or None.
-    ``pruner`` replaces the configured one (``peft_sparse.quantize`` keeps an existing mask)."""
+    ``pruner`` replaces the configured one (``peft_sparse.quantize`` keeps an existing mask); ``store`` says where the
+    blocks are (default: in ``model``)."""
     pattern = config.sparsity_pattern
     pruner = build_pruner(config) if pruner is None else pruner
     report = PruneReport(method=pruner.name, pattern=str(pattern))
     start = time.perf_counter()
-    offload = torch.cuda.is_available() and all(p.device.type == "cpu" for p in model.parameters())
+    store = BlockStore(model) if store is None else store
     was_training = model.training
     model.eval()  # no dropout in the calibration forwards
     try:
         with torch.no_grad(), _exact_fp32_matmul():
-            batches = None if calibration is None else capture_inputs(model, plan.blocks[0], calibration)
+            with store.capturing(model):
+                batches = None if calibration is None else capture_inputs(model, plan.blocks, calibration)
             for index, block in enumerate(tqdm(plan.blocks, desc=f"{pruner.name} {pattern}", unit="block")):
-                with _visiting(block, offload) as device:
+                with store.visit(index, block) as device:
                     batches = _batches_to(batches, device)
                     report.layers += prune_block(block, plan.targets[index], pruner, batches, device, config.scheme)
                     if batches is not None and index + 1 < len(plan.blocks):

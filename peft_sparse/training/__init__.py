@@ -13,6 +13,7 @@ from .layers import (
     attach_sparse_layers,
     detach_sparse_layer,
     finalize_sparse_layers,
+    mask_state_dict,
 )
 from .losses import ce_kl_distill_sum, chunked_kl_distill_sum, kl_distill_sum
 from .optim import SparseAdamW
@@ -49,6 +50,7 @@ __all__ = [
     "chunked_kl_distill_sum",
     "detach_sparse_layer",
     "finalize_sparse_layers",
+    "mask_state_dict",
     "kl_distill_sum",
     "plot_flip_rates",
     "srste_lambda",

@@ -153,10 +153,27 @@ def attach_sparse_layers(
     }
 
 
+def _like(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` laid out like ``weight``: under FSDP2 (``fully_shard``) the weight is a DTensor shard while buffers
+    stay whole, so each rank takes its own piece of the mask (the masks are equal on every rank: no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(weight, DTensor):
+        return distribute_tensor(mask, weight.device_mesh, weight.placements, src_data_rank=None)
+    return mask
+
+
+def _whole(weight: torch.Tensor) -> torch.Tensor:
+    """The full weight: gathered from every rank for an FSDP2 DTensor (a collective: every rank must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
 @torch.no_grad()
 def detach_sparse_layer(module: SparseWeightMixin) -> None:
     """Hard-prune the dense weight to the current mask and restore the plain class (buffers removed)."""
-    module.weight.mul_(module.sparse_mask)
+    module.weight.mul_(_like(module.weight, module.sparse_mask))
     for name in _SPARSE_ATTRIBUTES:
         delattr(module, name)
     for name in ("_mask_values_cache", "_mask_values_key"):
@@ -165,7 +182,8 @@ def detach_sparse_layer(module: SparseWeightMixin) -> None:
 
 
 def full_weights(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Context in which every weight is whole: FSDP's ``summon_full_params(writeback=True)`` for an FSDP root."""
+    """Context in which every weight is whole: FSDP1's ``summon_full_params(writeback=True)`` for an FSDP1 root.
+    FSDP2 (``fully_shard``) needs none: its DTensor weights are pruned shard by shard and checked gathered."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     if isinstance(model, FSDP):
@@ -174,9 +192,20 @@ def full_weights(model: nn.Module) -> contextlib.AbstractContextManager:
 
 
 def finalize_sparse_layers(model: nn.Module, layers: dict[str, SparseWeightMixin], pattern: SparsityPattern) -> None:
-    """Hard-prune every layer of ``model`` to its mask, check N:M and restore plain modules (also under FSDP)."""
+    """Hard-prune every layer of ``model`` to its mask, check N:M and restore plain modules (also under FSDP 1/2)."""
     with full_weights(model):
         for name, layer in layers.items():
             detach_sparse_layer(layer)
             if pattern.is_nm:
-                validate_nm(out_in(layer), pattern.n, pattern.m, name)
+                validate_nm(to_storage(layer, _whole(layer.weight)), pattern.n, pattern.m, name)
+
+
+def mask_state_dict(layers: dict[str, SparseWeightMixin]) -> dict[str, torch.Tensor]:
+    """The masks as flat tensors ``"{module}.mask"`` / ``"{module}.initial_mask"`` (they are non-persistent buffers,
+    in no ``state_dict``): what a checkpoint needs beside the weights, e.g. with ``torch.distributed.checkpoint``
+    under FSDP2, where they are the same whole tensor on every rank."""
+    state = {}
+    for name, layer in layers.items():
+        state[f"{name}.mask"] = layer.sparse_mask
+        state[f"{name}.initial_mask"] = layer.initial_mask
+    return state

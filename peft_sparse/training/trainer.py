@@ -40,7 +40,7 @@ from ..export.formats import detach_quantizer, save_pretrained
 from ..modeling import out_in, select_sparse_modules
 from ..sparsity import nm_violations
 from .config import SparseArgumentsMixin
-from .layers import attach_sparse_layers, finalize_sparse_layers
+from .layers import attach_sparse_layers, finalize_sparse_layers, mask_state_dict
 from .losses import ce_kl_distill_sum, chunked_kl_distill_sum, scored_rows
 from .optim import OPTIMIZER_PLACEMENTS, SparseAdamW
 from .schedule import resolve_ramp_steps, srste_lambda
@@ -108,6 +108,7 @@ class SparseTrainingMixin:
         if args.frozen_mask:
             _zero_pruned(self.sparse_layers)
         super().__init__(model=model, args=args, **kwargs)
+        _warn_if_fsdp_ignored(self)
         self.sparse_schedule = SparseScheduleCallback(self)
         self.add_callback(self.sparse_schedule)
 
@@ -211,10 +212,7 @@ class SparseTrainingMixin:
 
     def sparse_state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensors: ``"{module}.mask"``, ``"{module}.initial_mask"`` and (SLoRB) the trainable base parameters."""
-        state = {}
-        for name, layer in self.sparse_layers.items():
-            state[f"{name}.mask"] = layer.sparse_mask.detach().cpu().contiguous()
-            state[f"{name}.initial_mask"] = layer.initial_mask.detach().cpu().contiguous()
+        state = {key: mask.detach().cpu().contiguous() for key, mask in mask_state_dict(self.sparse_layers).items()}
         for name, param in self._base_parameters():
             state[name] = param.detach().cpu().contiguous()
         return state
@@ -445,6 +443,23 @@ def _add_slorb(model: nn.Module, layers: dict[str, nn.Module], args: SparseArgum
     for param in trainable:  # peft froze everything but the adapters and the base linears; AST trains norms too
         param.requires_grad_(True)
     return boosted
+
+
+def _warn_if_fsdp_ignored(trainer: Trainer) -> None:
+    """Say once that FSDP was asked for but is not running: accelerate and Trainer enable it only on accelerators
+    and otherwise fall back without a word, to DDP (``--fsdp`` under torchrun) or to independent processes that each
+    train their own copy (``accelerate launch --use_fsdp``)."""
+    from_env = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    if not (trainer.args.fsdp or from_env) or trainer.is_fsdp_enabled or trainer.args.process_index != 0:
+        return
+    distributed = trainer.accelerator.distributed_type.value
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    running = "plain DDP" if distributed != "NO" else (
+        f"{ranks} independent processes, each training its own copy" if ranks > 1 else "one process")
+    logger.warning(
+        "FSDP was requested, but accelerate and transformers' Trainer run FSDP on GPUs only: this run is %s "
+        "(%s). Sharded training on CPU works at the torch level (torch.distributed.fsdp.fully_shard); on GPUs use "
+        "the accelerate FSDP2 config in the README.", running, distributed)
 
 
 def _check_inputs(trainer: str, model, args, teacher, kwargs) -> None:

@@ -1,0 +1,309 @@
+"""Streamed vs in-memory pruning of checkpoints of growing depth: peak memory, time, bitwise equality, a memory cap.
+
+Models: random fp32 Llamas (hidden 1024, intermediate 2816, 16 heads / 8 KV heads, vocab 32000, untied), written one
+block per shard without ever holding the model (``make_checkpoint``), at ``--layers`` depths; ``--big`` adds one of
+hidden 2048 (>= 4 GiB). Per depth and method (Wanda and SparseGPT 2:4, the same 8 x 128 random calibration ids):
+
+* ``stream``: ``peft_sparse.prune_checkpoint(src, out, config, save_format="packed")``;
+* ``memory``: ``from_pretrained`` + ``peft_sparse.prune`` + ``peft_sparse.save_pretrained(format="packed")``;
+
+each in a fresh process (one torch thread) reporting VmHWM (peak RSS), the RSS right after the imports (the
+runtime), RssAnon after each block and the wall time of the whole job (load, prune, save). The two outputs are then
+compared tensor by tensor. ``--cap-layers`` runs both paths of that depth again (Wanda) inside a cgroup v1 memory
+cgroup whose ``memory.limit_in_bytes`` is below half the checkpoint (cgroup v2 has no memory controller on the machine
+this was written on), after evicting the checkpoint from the page cache so its pages are charged to the capped run;
+each exit status and the cgroup's OOM-kill count are reported. ``--smollm2`` checks SmolLM2-135M (the converted
+cache of ``peft_sparse.smollm2()``) streamed == in memory.
+
+    python bench/stream.py [--layers 4 8 24 48] [--cap-layers 24] [--big] [--smollm2] [--work /tmp/stream-bench]
+
+Timings are noisy on a shared machine: say so next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HIDDEN = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=8)
+BIG = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=8)
+NSAMPLES, SEQLEN = 8, 128
+MIB = 1 << 20
+
+
+def llama_config(layers: int, shape: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, **shape)
+
+
+def make_checkpoint(directory: Path, layers: int, shape: dict) -> None:
+    """A random fp32 Llama checkpoint, one shard per block plus one for the rest, written block by block."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    if (directory / "model.safetensors.index.json").is_file():
+        return
+    config = llama_config(layers, shape)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    groups: dict[str, list[str]] = {}
+    for name in skeleton.state_dict():
+        parts = name.split(".")
+        groups.setdefault(f"{int(parts[2]):05d}" if parts[:2] == ["model", "layers"] else "rest", []).append(name)
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(1234)
+    shapes = {name: tensor.shape for name, tensor in skeleton.state_dict().items()}
+    weight_map, total = {}, 0
+    for index, (_, names) in enumerate(sorted(groups.items())):
+        shard = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            noise = torch.randn(shapes[name], generator=generator)
+            tensors[name] = 1 + 0.1 * noise if name.endswith("norm.weight") else 0.02 * noise
+            weight_map[name] = shard
+            total += tensors[name].numel() * 4
+        save_file(tensors, staging / shard, metadata={"format": "pt"})
+    config.save_pretrained(staging)
+    (staging / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map}))
+    os.replace(staging, directory)
+
+
+def status() -> dict[str, int]:
+    """VmHWM / VmRSS / RssAnon / RssFile of this process, MiB."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) // 1024
+    return out
+
+
+def calibration_ids() -> torch.Tensor:
+    return torch.randint(0, 32000, (NSAMPLES, SEQLEN), generator=torch.Generator().manual_seed(0))
+
+
+def worker(path: str, source: str, output: str, method: str) -> None:
+    """One job in this process; prints one JSON line."""
+    import peft_sparse
+    from peft_sparse import SparsityConfig
+    from peft_sparse.pruning import engine
+    from peft_sparse.stream import CheckpointBlocks
+
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    per_block: list[int] = []
+    for store in (engine.BlockStore, CheckpointBlocks):  # RssAnon after each block, whichever store walks it
+        visit = store.visit
+
+        @contextlib.contextmanager
+        def recording(self, index, block, visit=visit):
+            with visit(self, index, block) as device:
+                yield device
+            per_block.append(status()["RssAnon"])
+
+        store.visit = recording
+    ids, runtime = calibration_ids(), status()
+    config = SparsityConfig(method=method, pattern="2:4", nsamples=NSAMPLES, seqlen=SEQLEN)
+    start = time.perf_counter()
+    if path == "stream":
+        peft_sparse.prune_checkpoint(source, output, config, calibration=ids, save_format="packed")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        peft_sparse.prune(model, config, calibration=ids)
+        peft_sparse.save_pretrained(model, output, format="packed")
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": round(seconds, 2), "runtime_rss_mib": runtime["VmRSS"], **status(),
+                      "rss_anon_per_block": per_block}), flush=True)
+
+
+def run_worker(path: str, source: Path, output: Path, method: str, cap_mib: int | None = None) -> dict:
+    shutil.rmtree(output, ignore_errors=True)
+    command = [sys.executable, __file__, "--worker", path, str(source), str(output), method]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if cap_mib is None:
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        return {"rc": result.returncode, **_last_json(result), "stderr": result.stderr[-300:] if result.returncode
+                else ""}
+    with memory_cgroup(cap_mib) as cgroup:
+        evict(source)
+        result = subprocess.run(command, capture_output=True, text=True, env=env,
+                                preexec_fn=lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())))
+        oom = dict(line.split() for line in (cgroup / "memory.oom_control").read_text().splitlines()).get("oom_kill")
+        usage = int((cgroup / "memory.max_usage_in_bytes").read_text()) // MIB
+    return {"rc": result.returncode, "cap_mib": cap_mib, "oom_kill": int(oom or 0), "cgroup_max_usage_mib": usage,
+            **_last_json(result)}
+
+
+def _last_json(result: subprocess.CompletedProcess) -> dict:
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit_mib: int):
+    """A fresh cgroup v1 memory cgroup under this process's own, capped at ``limit_mib`` (no swap here)."""
+    own = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+               if line.split(":")[1] == "memory")
+    cgroup = Path("/sys/fs/cgroup/memory") / own.lstrip("/") / f"stream_bench_{os.getpid()}"
+    cgroup.mkdir()
+    try:
+        (cgroup / "memory.limit_in_bytes").write_text(str(limit_mib * MIB))
+        yield cgroup
+    finally:
+        with contextlib.suppress(OSError):
+            cgroup.rmdir()
+
+
+def evict(directory: Path) -> None:
+    """Drop the checkpoint's clean page cache, so a capped run reads (and is charged for) its pages itself."""
+    for path in directory.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def compare(a: Path, b: Path) -> dict:
+    """Tensor by tensor (one pair in memory at a time) plus config.json."""
+    from peft_sparse.stream import ShardReader
+
+    ra, rb = ShardReader(a), ShardReader(b)
+    keys = sorted(set(ra.keys()) | set(rb.keys()))
+    mismatched = [k for k in keys if k not in ra or k not in rb or ra.get(k).dtype != rb.get(k).dtype
+                  or not torch.equal(ra.get(k), rb.get(k))]
+    configs = [json.loads((d / "config.json").read_text()) for d in (a, b)]
+    return {"tensors": len(keys), "mismatched": mismatched[:3], "config_equal": configs[0] == configs[1],
+            "bitwise_equal": not mismatched and configs[0] == configs[1]}
+
+
+def mib(directory: Path) -> int:
+    return round(sum(p.stat().st_size for p in directory.glob("*.safetensors")) / MIB)
+
+
+def floor_mib(layers_shape: dict, method: str) -> dict:
+    """What a streamed run must hold: runtime (measured) + two blocks + the calibration activations (inputs and
+    outputs of a block) + the pruner's statistics (SparseGPT: one fp32 Hessian per input width, kept together)."""
+    h, i = layers_shape["hidden_size"], layers_shape["intermediate_size"]
+    kv = h * layers_shape["num_key_value_heads"] // layers_shape["num_attention_heads"]
+    block = 4 * (2 * h * h + 2 * kv * h + 3 * h * i + 2 * h)
+    activations = 2 * NSAMPLES * SEQLEN * h * 4
+    stats = 4 * (3 * h * h + i * i) if method == "sparsegpt" else 4 * (3 * h + i)
+    return {"two_blocks": 2 * block / MIB, "activations": activations / MIB, "statistics": stats / MIB}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", nargs=4, metavar=("PATH", "SRC", "OUT", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, nargs="*", default=[4, 8, 24, 48])
+    parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
+    parser.add_argument("--cap-layers", type=int, default=48, help="depth of the capped run (0: none)")
+    parser.add_argument("--cap-fraction", type=float, default=0.4, help="the cap as a fraction of the checkpoint")
+    parser.add_argument("--big", type=int, default=0, metavar="LAYERS", help="also a hidden-2048 model (20: 4.2 GiB)")
+    parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M streamed == in memory")
+    parser.add_argument("--work", default="/tmp/stream-bench")
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "stream.json"))
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    models = [(f"llama-{n}", n, HIDDEN) for n in args.layers] + ([(f"llama2048-{args.big}", args.big, BIG)]
+                                                                   if args.big else [])
+    rows = []
+    for name, layers, shape in models:
+        source = work / name
+        make_checkpoint(source, layers, shape)
+        for method in args.methods:
+            row = {"model": name, "layers": layers, "hidden": shape["hidden_size"], "method": method,
+                   "checkpoint_mib": mib(source)}
+            for path in ("stream", "memory"):
+                row[path] = run_worker(path, source, work / f"{name}-{method}-{path}", method)
+                print(name, method, path, json.dumps({k: v for k, v in row[path].items()
+                                                      if k != "rss_anon_per_block"}), flush=True)
+            row["output_mib"] = mib(work / f"{name}-{method}-stream")
+            row.update(compare(work / f"{name}-{method}-stream", work / f"{name}-{method}-memory"))
+            row["floor_mib"] = floor_mib(shape, method)
+            rows.append(row)
+            for path in ("stream", "memory"):
+                shutil.rmtree(work / f"{name}-{method}-{path}", ignore_errors=True)
+    capped = {}
+    if args.cap_layers:
+        source = work / f"llama-{args.cap_layers}"
+        make_checkpoint(source, args.cap_layers, HIDDEN)
+        cap = int(mib(source) * args.cap_fraction)  # below half the checkpoint
+        for path in ("stream", "memory"):
+            capped[path] = run_worker(path, source, work / f"capped-{path}", "wanda", cap_mib=cap)
+            print("capped", path, json.dumps({k: v for k, v in capped[path].items() if k != "rss_anon_per_block"}),
+                  flush=True)
+        reference = work / "capped-reference"
+        run_worker("memory", source, reference, "wanda")
+        capped["checkpoint_mib"] = mib(source)
+        if capped["stream"]["rc"] == 0:
+            capped["stream_equals_in_memory"] = compare(work / "capped-stream", reference)["bitwise_equal"]
+        for path in ("capped-stream", "capped-memory", "capped-reference"):
+            shutil.rmtree(work / path, ignore_errors=True)
+    smollm2 = smollm2_check(work) if args.smollm2 else None
+    print_table(rows, capped)
+    payload = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                           "note": "shared machine: other jobs ran at the same time, timings are noisy"},
+               "calibration": {"nsamples": NSAMPLES, "seqlen": SEQLEN, "ids": "uniform random, seed 0"},
+               "rows": rows, "capped": capped, "smollm2": smollm2}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def smollm2_check(work: Path) -> dict:
+    from peft_sparse.models import SMOLLM2_CONVERTED, smollm2, smollm2_cache_dir
+
+    smollm2()  # makes sure the converted copy exists
+    source = smollm2_cache_dir() / SMOLLM2_CONVERTED
+    result = {}
+    for path in ("stream", "memory"):
+        result[path] = {k: v for k, v in run_worker(path, source, work / f"smollm2-{path}", "wanda").items()
+                        if k != "rss_anon_per_block"}
+    result.update(compare(work / "smollm2-stream", work / "smollm2-memory"))
+    print("smollm2", json.dumps(result))
+    return result
+
+
+def print_table(rows: list[dict], capped: dict) -> None:
+    print("\n| layers | method | checkpoint MiB | output MiB | streamed VmHWM | in-memory VmHWM | streamed RssAnon "
+          "per block | floor | streamed s | in-memory s | ratio | bitwise equal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        s, m = row["stream"], row["memory"]
+        anon = s.get("rss_anon_per_block") or [0]
+        floor = s.get("runtime_rss_mib", 0) + sum(row["floor_mib"].values())
+        print(f"| {row['layers']} (h{row['hidden']}) | {row['method']} | {row['checkpoint_mib']} | "
+              f"{row['output_mib']} | {s.get('VmHWM')} | {m.get('VmHWM')} | {min(anon)}-{max(anon)} | {floor:.0f} | "
+              f"{s.get('seconds')} | {m.get('seconds')} | {s.get('seconds', 0) / max(m.get('seconds', 1), 1e-9):.2f} "
+              f"| {row['bitwise_equal']} |")
+    if capped:
+        for path in ("stream", "memory"):
+            c = capped[path]
+            print(f"capped {path}: cap {c['cap_mib']} MiB of a {capped['checkpoint_mib']} MiB checkpoint: rc "
+                  f"{c['rc']}, oom_kill {c['oom_kill']}, cgroup max usage {c['cgroup_max_usage_mib']} MiB, "
+                  f"VmHWM {c.get('VmHWM')}")
+
+
+if __name__ == "__main__":
+    main()
