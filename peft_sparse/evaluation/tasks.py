@@ -177,12 +177,12 @@ def _passages_dataset(passages: tuple[str, ...], **_: Any):
     return DatasetDict({"test": Dataset.from_dict({"text": list(passages)})})
 
 
-def lastword_task(source: str = "wikitext2", n: int = 200) -> dict:
+def lastword_task(source: str = "wikitext2", n: int = 200, offline: bool | None = None) -> dict:
     """The ``wikitext_lastword`` task over ``source`` (``peft_sparse.evaluation.load_eval_text``: a local text file
     such as WikiText-2's ``wiki.test.raw``, ``"embedded"``, raw text, or ``"wikitext2"`` from the Hub)."""
     from .perplexity import load_eval_text
 
-    if source == "wikitext2" and is_offline():
+    if source == "wikitext2" and (is_offline() if offline is None else offline):
         raise SparseConfigError(
             f"{LASTWORD} reads WikiText-2 from the Hub by default, which is switched off (HF_HUB_OFFLINE); pass a "
             "local copy (lastword_data='.../wiki.test.raw', CLI --lastword-data) or 'embedded'."
@@ -222,7 +222,7 @@ def resolve_tasks(tasks: str | Sequence[str | dict], *, offline: bool | None = N
         if isinstance(item, dict):
             specs.append(item)
         elif item == LASTWORD:
-            specs.append(lastword_task(lastword_data))
+            specs.append(lastword_task(lastword_data, offline=offline))
         elif item in VAL_TASKS:
             specs.append(wheel_task(VAL_TASKS[item]))
         elif offline and item in WHEEL_TASKS and WHEEL_TASKS[item].scores_test:
