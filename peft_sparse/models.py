@@ -267,3 +267,35 @@ def smollm2(cache_dir: str | os.PathLike | None = None) -> tuple[torch.nn.Module
     model, tokenizer = load_model_and_tokenizer(str(gguf))
     _save_converted(model, tokenizer, converted)
     return model, tokenizer
+
+
+def check_adapter(adapter_dir: str | os.PathLike, base_config) -> None:
+    """Refuse a PEFT adapter whose weights do not fit the model of ``base_config``, before any weights load.
+
+    The adapter is attached to a meta-device copy of the model (no memory, no weights) and the tensor shapes it would
+    create are compared with those saved in ``adapter_model.safetensors``.
+    """
+    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors import safe_open
+
+    path = Path(adapter_dir).expanduser()
+    weights = path / "adapter_model.safetensors"
+    if not (path / "adapter_config.json").is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{str(adapter_dir)!r} is not a PEFT adapter directory (adapter_config.json and "
+                                "adapter_model.safetensors, as PeftModel.save_pretrained writes them).")
+    config = PeftConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(base_config)
+        try:
+            expected = {name: tuple(tensor.shape) for name, tensor in
+                        get_peft_model_state_dict(get_peft_model(skeleton, config)).items()}
+        except ValueError as error:  # peft: target modules not found, r does not divide a layer, ...
+            raise ValueError(f"Adapter {str(adapter_dir)!r} does not fit this model: {error}") from error
+    with safe_open(str(weights), "pt") as saved:
+        found = {name: tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}  # noqa: SIM118
+    wrong = sorted(name for name in found.keys() | expected.keys() if found.get(name) != expected.get(name))
+    if wrong:
+        shown = ", ".join(f"{name} (adapter {found.get(name)}, model {expected.get(name)})" for name in wrong[:2])
+        raise ValueError(f"Adapter {str(adapter_dir)!r} does not fit this model ({len(wrong)} tensors differ: {shown}"
+                         f"{', ...' if len(wrong) > 2 else ''}); pass the base model it was trained on "
+                         f"({config.base_model_name_or_path or 'see its adapter_config.json'}).")

