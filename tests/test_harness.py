@@ -338,3 +338,45 @@ def test_lm_eval_cli_pass_through_loads_a_packed_checkpoint(tmp_path, tiny_model
     ours = peft_sparse.evaluate(packed, tiny_tokenizer, [dict(task)], bootstrap_iters=0)
     assert saved["results"]["local_lastword"]["perplexity,none"] == pytest.approx(
         ours["results"]["local_lastword"]["perplexity,none"], rel=1e-5)
+
+
+def test_a_finalized_sparse_trainer_model_scores_as_it_trained(tmp_path, tiny_model_factory, tiny_tokenizer):
+    from peft_sparse import SparseTrainer, SparseTrainingArguments
+    from peft_sparse.sparsity import follows_nm
+    from peft_sparse.training import TokenWindowDataset
+
+    tasks = _tasks(tmp_path)
+    model = tiny_model_factory("llama", vocab_size=len(tiny_tokenizer))
+    windows = torch.randint(0, len(tiny_tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
+    args = SparseTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2,
+                                   learning_rate=1e-2, report_to="none", save_strategy="no", use_cpu=True,
+                                   dataloader_num_workers=0)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=TokenWindowDataset(windows))
+    trainer.train()
+    trainer.model.eval()
+    masked = loglikelihoods(_ours(trainer.model, tiny_tokenizer, tasks))  # training layers apply their masks
+    trainer.finalize()
+    assert all(follows_nm(m.weight, 2, 4) for n, m in trainer.model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    final = loglikelihoods(_ours(trainer.model, tiny_tokenizer, tasks))
+    for task in masked:
+        torch.testing.assert_close(torch.tensor(final[task]), torch.tensor(masked[task]), rtol=0, atol=1e-5)
+
+
+def test_task_results_go_into_the_model_card(tiny_model_factory, tiny_tokenizer):
+    from huggingface_hub import ModelCard
+
+    model = tiny_model_factory("llama", vocab_size=len(tiny_tokenizer))
+    config = SparsityConfig(method="magnitude", pattern="2:4")
+    peft_sparse.prune(model, config)
+    result = peft_sparse.evaluate(model, tiny_tokenizer, LASTWORD, lastword_data="embedded", limit=5)
+    card = peft_sparse.model_card(model, peft_sparse.export.sparsity_config_of(model), "dense",
+                                  task_results=result, perplexity=peft_sparse.Perplexity(12.5))
+    index = ModelCard(str(card)).data.to_dict()["model-index"][0]["results"]
+    by_metric = {(r["dataset"]["name"], m["type"]): (r, m) for r in index for m in r["metrics"]}
+    entry, acc = by_metric[(LASTWORD, "acc")]
+    assert acc["value"] == round(result["results"][LASTWORD]["acc,none"], 4)
+    assert entry["dataset"]["type"] == "Salesforce/wikitext" and entry["dataset"]["split"] == "test"
+    assert entry["source"]["name"] == "lm-evaluation-harness"
+    assert set(by_metric) == {(LASTWORD, "acc"), (LASTWORD, "perplexity"), ("wikitext2", "perplexity")}  # no stderr
+    assert f"{LASTWORD} acc {acc['value']:.4f}" in card.text

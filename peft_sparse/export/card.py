@@ -22,6 +22,7 @@ from ..data.sources import HUB_DATASETS
 from ..modeling import out_in
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "sparse_model.md"  # package data
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 _HUB_DATASET_IDS = {"c4": "allenai/c4", "wikitext2": "Salesforce/wikitext"}
 
 
@@ -53,6 +54,7 @@ def task_eval_results(result: dict[str, Any]) -> list[EvalResult]:
                 dataset_config=config.get("dataset_name"), dataset_split=meta.get("split") or config.get("test_split")
                 or config.get("validation_split"), metric_type=metric, metric_value=round(value, 4),
                 metric_name=f"{metric} ({shots}-shot, lm-evaluation-harness)", source_name="lm-evaluation-harness",
+                source_url=LM_EVAL_URL,
             ))
     return entries
 
