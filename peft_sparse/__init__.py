@@ -36,6 +36,7 @@ _LAZY = {
     "embedded_text": ".data",
     "load_calibration": ".data",
     "PerplexityResult": ".evaluation",
+    "evaluate": ".evaluation",
     "perplexity": ".evaluation",
     "load_model_and_tokenizer": ".models",
     "smollm2": ".models",

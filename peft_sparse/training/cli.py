@@ -45,6 +45,12 @@ class TrainModelArguments:
                           "(peft_sparse.export)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
+    eval_tasks: str | None = field(default=None, metadata={
+        "help": "lm-evaluation-harness tasks run on the final model, comma-separated (see peft-sparse eval --help); "
+                "results in OUTPUT_DIR/lm_eval_results.json. Needs peft_sparse[eval]."})
+    eval_num_fewshot: int | None = field(default=None, metadata={"help": "Examples per prompt of --eval_tasks."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Documents per task of --eval_tasks."})
+    lastword_data: str = field(default="wikitext2", metadata={"help": "Text of the wikitext_lastword task."})
 
 
 @dataclass
