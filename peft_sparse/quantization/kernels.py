@@ -1,0 +1,161 @@
+"""Running a quantized sparse layer on torch's own CPU weight-only integer kernels, keeping the weight in int form.
+
+* int4: ``aten._weight_int4pack_mm_for_cpu`` (group-wise scales, ``w = (u - 8) * scale + zero`` with ``u`` the
+  unsigned nibble). We pass ``zero = 0``, so ``w = q * scale`` exactly as :func:`.grid.dequantize` computes it and a
+  pruned weight (``q = 0``) is exactly 0. The kernel takes groups of 32, 64, 128 or 256 inputs and N % 16 == 0;
+  the weight is packed by torch's own ``_convert_weight_to_int4pack_for_cpu`` (its blocked layout is private);
+* int8: ``aten._weight_int8pack_mm`` (one scale per output channel, no zero point), weight kept as ``(out, in)`` int8.
+
+Neither kernel reads the 2:4 positions: the sparse codes are decoded into the kernel's dense int layout, never into a
+float weight. What they cannot take (asymmetric grids, whose float zero would move pruned weights off 0; int8 with
+groups; an unsupported group size or width; GPT-2 ``Conv1D``; a non-CPU device) stays a dequantized float layer:
+:func:`kernel_unsupported` says why, and the loader logs it once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..modeling import is_sparse_layer
+from .grid import QuantScheme, codes_of, dequantize
+from .state import grid_of, set_grid
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+_INT4_N_MULTIPLE = 16
+
+
+def kernel_unsupported(layer: nn.Module, scheme: QuantScheme, device: torch.device | str) -> str | None:
+    """Why ``layer`` (a plain Linear / Conv1D of the model) cannot run on a CPU int kernel, or ``None`` if it can."""
+    if not isinstance(layer, nn.Linear):
+        return f"{type(layer).__name__} layers have no int kernel"
+    if torch.device(device).type != "cpu":
+        return f"the int kernels are CPU kernels, not {torch.device(device).type}"
+    if not scheme.symmetric:
+        return "asymmetric grids: the kernel's float zero point would make pruned weights nonzero"
+    out_features, in_features = layer.out_features, layer.in_features
+    if scheme.bits == 8:
+        return None if scheme.group_size == -1 else "int8 with groups (torch's int8 kernel takes one scale per channel)"
+    group = scheme.group_width(in_features)
+    if group not in INT4_GROUP_SIZES:
+        return f"int4 group of {group} inputs (the kernel takes {INT4_GROUP_SIZES})"
+    if out_features % _INT4_N_MULTIPLE:
+        return f"{out_features} outputs (the int4 kernel needs a multiple of {_INT4_N_MULTIPLE})"
+    return None
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed ``(out, in)`` integer codes -> the kernel's weight tensor (int4: torch's packed uint8; int8: int8)."""
+    if bits == 4:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes + 8).to(torch.int32), 1)
+    return codes.to(torch.int8).contiguous()
+
+
+class IntLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` held as int4 / int8 codes plus scales and run by torch's CPU int kernels.
+
+    Buffers: ``weight`` (int4: torch's packed uint8 layout of the codes; int8: ``(out, in)`` int8 codes; named like a
+    Linear's weight so a checkpoint loads straight into it), ``weight_scale`` ``(out, in / group)`` in the compute
+    dtype (the model's), and ``bias`` as a frozen parameter. Inputs of another dtype are cast to the compute dtype
+    and the output cast back. Not trainable: attach adapters that add a branch (LoRA, SLoRB), or dequantize the model
+    for anything that changes ``W``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        """An empty layer (e.g. on ``meta``) of the right shapes, for a loader to fill; see :meth:`from_codes`."""
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.group = scheme.group_width(in_features)
+        packed = (out_features, in_features // 2) if scheme.bits == 4 else (out_features, in_features)
+        self.register_buffer("weight", torch.empty(packed, dtype=torch.uint8 if scheme.bits == 4 else torch.int8,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, in_features // self.group, dtype=dtype,
+                                                         device=device))
+        self.register_buffer("scales_and_zeros", None, persistent=False)
+        self.bias = None if not bias else nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                                       requires_grad=False)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme, bias: torch.Tensor | None
+                   ) -> IntLinear:
+        """From signed integer ``(out, in)`` codes of a symmetric grid and their ``(out, in / group)`` scales."""
+        layer = cls(codes.shape[1], codes.shape[0], scheme, bias is not None, scale.dtype, device="meta")
+        layer.weight = pack_codes(codes, scheme.bits)
+        layer.weight_scale = scale.contiguous()
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(scale.dtype), requires_grad=False)
+        return layer.ready()
+
+    def ready(self) -> IntLinear:
+        """Derive the int4 kernel's ``(in / group, out, 2)`` scale-and-zero tensor (zero = 0) once the buffers hold
+        their values (after :meth:`from_codes`, or after a loader filled them)."""
+        if self.scheme.bits == 4:
+            scale = self.weight_scale.t()
+            self.scales_and_zeros = torch.stack([scale, torch.zeros_like(scale)], -1).contiguous()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.dtype)
+        if self.scheme.bits == 4:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group, self.scales_and_zeros)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale.reshape(-1))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The ``(out, in)`` float weight, bit-equal to :func:`.grid.dequantize` of the codes.
+
+        int4 is read back through the kernel itself (an identity input, in chunks): the packed layout is torch's
+        private one, and reading it this way costs one ``in x in x out`` product, paid only when dequantizing or
+        saving.
+        """
+        if self.scheme.bits == 8:
+            return dequantize(self.weight, self.weight_scale, None, self.dtype)
+        eye = torch.eye(self.in_features, dtype=self.dtype)
+        chunks = [torch.ops.aten._weight_int4pack_mm_for_cpu(part, self.weight, self.group, self.scales_and_zeros)
+                  for part in eye.split(1024)]
+        return torch.cat(chunks).t().contiguous()
+
+    def to_linear(self) -> nn.Linear:
+        """The equivalent float ``nn.Linear`` carrying its grid (``weight_scale``), as a dequantized load has it."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        layer.weight = nn.Parameter(self.dequantized_weight())
+        if self.bias is not None:
+            layer.bias = nn.Parameter(self.bias.detach().clone())
+        set_grid(layer, self.weight_scale, None)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}"
+
+
+def to_kernels(model: nn.Module, scheme: QuantScheme) -> dict[str, str]:
+    """Swap every quantized layer of an in-memory ``model`` (one carrying its grid, see :mod:`.state`) for an
+    :class:`IntLinear`; returns ``{layer: reason}`` for those left as dequantized float layers."""
+    left = {}
+    for name, module in list(model.named_modules()):
+        grid = grid_of(module) if is_sparse_layer(module) else None
+        if grid is None:
+            continue
+        reason = kernel_unsupported(module, scheme, module.weight.device)
+        if reason is not None:
+            left[name] = reason
+            continue
+        codes = codes_of(module.weight.detach(), grid[0], grid[1], scheme, name)
+        model.set_submodule(name, IntLinear.from_codes(codes, grid[0], scheme, module.bias))
+    return left
+
+
+def dequantize_kernels(model: nn.Module) -> int:
+    """Swap every :class:`IntLinear` of ``model`` back for its float ``nn.Linear``; how many."""
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, IntLinear)]
+    for name, module in layers:
+        model.set_submodule(name, module.to_linear())
+    return len(layers)
