@@ -13,16 +13,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..modeling import out_in
 from ..nn import plain_layer
+from .grid import QuantScheme, dequantize, quantize
 
 SCALE = "weight_scale"
 ZERO_POINT = "weight_zero_point"
 
 
-def set_grid(module: nn.Module, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
-    """Record the grid of ``module``'s (already dequantized) weight."""
+def set_grid(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+             scheme: QuantScheme) -> None:
+    """Write an fp32 ``(out, in)`` ``weight`` already on the grid ``(scale, zero)`` into ``module`` and record the grid.
+
+    The stored weight is ``dequantize`` of its codes with the scale rounded to the module's dtype, exactly what a
+    loader rebuilds from the codes (casting the fp32 values instead would differ in bfloat16 wherever the fp32 scale
+    is not a bfloat16 number).
+    """
     layer = plain_layer(module)
-    layer.register_buffer(SCALE, scale.to(layer.weight.dtype))
+    dtype = layer.weight.dtype
+    stored = dequantize(quantize(weight, scale, zero, scheme), scale.to(dtype), zero, dtype)
+    with torch.no_grad():
+        out_in(layer).copy_(stored)
+    layer.register_buffer(SCALE, scale.to(dtype))
     if zero is None:
         layer._buffers.pop(ZERO_POINT, None)
     else:
