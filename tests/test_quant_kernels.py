@@ -83,9 +83,7 @@ def _quantize_in_memory(model: nn.Module, scheme: QuantScheme) -> None:
     """What the quantizing block walk leaves: dequantized weights on their grid, the grid as buffers."""
     for module in select_sparse_modules(model).values():
         weight = module.weight.detach().float()
-        on_grid, scale, zero = quantize_layer(weight, weight != 0, scheme)
-        module.weight.data = on_grid.to(module.weight.dtype)
-        set_grid(module, scale, zero)
+        set_grid(module, *quantize_layer(weight, weight != 0, scheme), scheme)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -125,11 +125,10 @@ class IntLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """The equivalent float ``nn.Linear`` carrying its grid (``weight_scale``), as a dequantized load has it."""
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        layer.weight = nn.Parameter(self.dequantized_weight())
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self.dtype)
         if self.bias is not None:
             layer.bias = nn.Parameter(self.bias.detach().clone())
-        set_grid(layer, self.weight_scale, None)
+        set_grid(layer, self.dequantized_weight().float(), self.weight_scale.float(), None, self.scheme)
         return layer
 
     def extra_repr(self) -> str:
