@@ -14,6 +14,8 @@ groups; an unsupported group size or width; GPT-2 ``Conv1D``; a non-CPU device) 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -99,12 +101,15 @@ class IntLinear(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.weight_scale.dtype
 
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ W^T`` on the int kernel for ``(tokens, in)`` rows in the compute dtype."""
+        if self.scheme.bits == 4:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group, self.scales_and_zeros)
+        return torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale.reshape(-1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.dtype)
-        if self.scheme.bits == 4:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group, self.scales_and_zeros)
-        else:
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale.reshape(-1))
+        out = _KernelMatmul.apply(rows, self) if rows.requires_grad else self.matmul(rows)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -119,9 +124,7 @@ class IntLinear(nn.Module):
         if self.scheme.bits == 8:
             return dequantize(self.weight, self.weight_scale, None, self.dtype)
         eye = torch.eye(self.in_features, dtype=self.dtype)
-        chunks = [torch.ops.aten._weight_int4pack_mm_for_cpu(part, self.weight, self.group, self.scales_and_zeros)
-                  for part in eye.split(1024)]
-        return torch.cat(chunks).t().contiguous()
+        return torch.cat([self.matmul(part) for part in eye.split(1024)]).t().contiguous()
 
     def to_linear(self) -> nn.Linear:
         """The equivalent float ``nn.Linear`` carrying its grid (``weight_scale``), as a dequantized load has it."""
@@ -133,6 +136,19 @@ class IntLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}"
+
+
+class _KernelMatmul(torch.autograd.Function):
+    """The kernel's product with a gradient for its input (adapters below this layer train); ``W`` gets none."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, layer: IntLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer.matmul(rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.layer.dequantized_weight(), None
 
 
 def to_kernels(model: nn.Module, scheme: QuantScheme) -> dict[str, str]:
