@@ -46,7 +46,7 @@ def kernel_unsupported(layer: nn.Module, scheme: QuantScheme, device: torch.devi
     return None
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def kernel_weight(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed ``(out, in)`` integer codes -> the kernel's weight tensor (int4: torch's packed uint8; int8: int8)."""
     if bits == 4:
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes + 8).to(torch.int32), 1)
@@ -83,7 +83,7 @@ class IntLinear(nn.Module):
                    ) -> IntLinear:
         """From signed integer ``(out, in)`` codes of a symmetric grid and their ``(out, in / group)`` scales."""
         layer = cls(codes.shape[1], codes.shape[0], scheme, bias is not None, scale.dtype, device="meta")
-        layer.weight = pack_codes(codes, scheme.bits)
+        layer.weight = kernel_weight(codes, scheme.bits)
         layer.weight_scale = scale.contiguous()
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().to(scale.dtype), requires_grad=False)
