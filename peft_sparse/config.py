@@ -16,7 +16,7 @@ from .sparsity.patterns import SCOPES
 
 DEFAULT_PATTERN = "2:4"
 QUANT_METHOD = "peft_sparse"  # the name in config.json, and the pip package a reader needs
-FORMAT_VERSION = 1  # of the packed layout (FORMAT.md); a newer one is refused with "upgrade peft_sparse"
+FORMAT_VERSION = 2  # newest packed layout read (FORMAT.md); a newer one is refused with "upgrade peft_sparse"
 FORMATS = ("packed", "dense")
 # How the sparsity was obtained: kept for provenance, never needed to load, so from_dict takes unknown values.
 RECIPE_FIELDS = ("method", "method_options", "refine", "refine_options", "quantizer", "quantizer_options", "nsamples",
@@ -59,9 +59,10 @@ class SparsityConfig(QuantizationConfigMixin):
         quantizer_options: options of the quantizer, e.g. ``{"percdamp": 0.01}`` for GPTQ.
         format: how ``peft_sparse.save_pretrained`` writes it: ``"packed"`` (values + positions, N:M only) or
             ``"dense"`` (exact zeros); ``None`` = packed for N:M, dense for unstructured.
-        codec: packed position code, ``"b6x3"`` (2:4) or ``"bitmask"`` (any N:M); ``None`` = the smallest.
+        codec: packed position code, ``"b6x3"`` (2:4), ``"rank"`` (1:2, 4:8, 8:16) or ``"bitmask"`` (any N:M);
+            ``None`` = the smallest.
         modules: the sparse module names, filled in when a model is saved or pruned on load.
-        format_version: version of the packed layout.
+        format_version: version of the packed layout (a save writes ``layout_version``).
         provenance: free-form record (calibration source, base model, keys a newer version wrote).
     """
 
@@ -204,6 +205,12 @@ class SparsityConfig(QuantizationConfigMixin):
     def resolved_codec(self) -> str | None:
         pattern = self.sparsity_pattern
         return (self.codec or default_codec(pattern.n, pattern.m)) if pattern.is_nm else None
+
+    @property
+    def layout_version(self) -> int:
+        """The oldest packed layout that holds this config: v2 for quantized values or the rank codec, else v1 (so
+        a peft_sparse that reads v1 only still loads it)."""
+        return 2 if self.bits is not None or self.resolved_codec == "rank" else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

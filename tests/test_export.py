@@ -4,6 +4,7 @@ prune on load, training policy, adapters and SLoRB side weights."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -29,15 +30,15 @@ def _nm_tensor(rows, cols, n, m, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("n,m,codec", [(2, 4, "b6x3"), (2, 4, "bitmask"), (1, 4, "bitmask"), (4, 8, "bitmask"),
-                                       (1, 2, "bitmask")])
+                                       (1, 2, "bitmask"), (1, 2, "rank"), (4, 8, "rank"), (8, 16, "rank")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_pack_round_trip_is_exact(n, m, codec, dtype):
-    w = _nm_tensor(24, 40 if m != 8 else 48, n, m, dtype)
+    w = _nm_tensor(24, {8: 48, 16: 160}.get(m, 40), n, m, dtype)
     w[3, :m] = 0  # a group with fewer than N nonzeros
     w[5, m: 2 * m] = 0
     values, meta = packing.pack(w, n, m, codec)
     assert values.shape == (w.shape[0], w.shape[1] * n // m) and values.dtype == dtype
-    assert meta.dtype == torch.uint8 and tuple(meta.shape) == packing.meta_shape(*w.shape, m, codec)
+    assert meta.dtype == torch.uint8 and tuple(meta.shape) == packing.meta_shape(*w.shape, n, m, codec)
     assert torch.equal(packing.unpack(values, meta, w.shape[1], n, m, codec), w)
 
 
@@ -52,12 +53,38 @@ def test_b6x3_layout_and_size():
     assert bf16 / (576 * 1536 * 2) == pytest.approx(0.541667, abs=1e-6) and bf16 / limit - 1 < 0.003
 
 
+@pytest.mark.parametrize("n,m", [(1, 2), (4, 8), (8, 16)])
+def test_rank_codec_round_trips_random_masks(n, m):
+    g = torch.Generator().manual_seed(n)
+    keep = torch.zeros(96, 210 * m, dtype=torch.bool)  # 20160 groups, every rank of C(8, 4) = 70 many times
+    keep.view(96, -1, m).scatter_(-1, torch.rand(96, 210, m, generator=g).argsort(-1)[..., :n], True)
+    meta = packing.pack(keep.float(), n, m, "rank")[1]
+    assert tuple(meta.shape) == packing.meta_shape(96, 210 * m, n, m, "rank")
+    assert torch.equal(packing.unpack_mask(meta, 210 * m, n, m, "rank"), keep)
+    assert packing.default_codec(n, m) == "rank"
+
+
+def test_rank_of_2_4_groups_is_the_b6x3_code():
+    keep = torch.zeros(6, 4)
+    for code, pair in enumerate(packing.PAIRS_2_4):
+        keep[code, list(pair)] = 1
+    ranks = [int(meta) for meta in packing.pack(keep, 2, 4, "rank")[1][:, 0]]
+    assert ranks == list(range(6))  # one group per row: the byte is its rank
+    w = _nasty_nm(16, 4 * 37, 2, 4, torch.float32, 5)
+    assert torch.equal(packing.pack(w, 2, 4, "rank")[1], packing.pack(w, 2, 4, "b6x3")[1])
+    assert packing.default_codec(2, 4) == "b6x3" and packing.default_codec(16, 32) == "bitmask"
+
+
 def test_pack_refuses_dense_and_corrupt_input():
     w = torch.randn(8, 16)
     with pytest.raises(ValueError, match="is not 2:4 sparse"):
         packing.pack(w, 2, 4, "b6x3", name="layer")
     with pytest.raises(ValueError, match="2:4 groups only"):
         packing.pack(_nm_tensor(8, 16, 1, 4), 1, 4, "b6x3")
+    with pytest.raises(ValueError, match=r"codec 'rank' has word sizes for 1:2, 2:4, 4:8, 8:16 only, not 16:32"):
+        packing.pack(_nm_tensor(8, 64, 16, 32), 16, 32, "rank")
+    with pytest.raises(ValueError, match="is not 4:8 sparse"):
+        packing.pack(torch.randn(8, 16), 4, 8, "rank", name="layer")
     values, meta = packing.pack(_nm_tensor(8, 24, 2, 4), 2, 4, "b6x3")
     meta[0, 0] = 250
     with pytest.raises(ValueError, match="corrupt"):
@@ -348,6 +375,15 @@ def _ref_pack(w: torch.Tensor, n: int, m: int, codec: str) -> tuple[torch.Tensor
             codes = [packing.PAIRS_2_4.index((a - 4 * g, b - 4 * g)) for g, (a, b) in enumerate(kept)]
             codes += [0] * (-len(codes) % 3)
             meta.append([codes[i] + 6 * codes[i + 1] + 36 * codes[i + 2] for i in range(0, len(codes), 3)])
+        elif codec == "rank":
+            k, nbytes = packing.RANK_WORDS[n, m]
+            ranks = [sum(math.comb(c - g * m, i + 1) for i, c in enumerate(group)) for g, group in enumerate(kept)]
+            ranks += [0] * (-len(ranks) % k)
+            row = []
+            for start in range(0, len(ranks), k):
+                word = sum(r * math.comb(m, n) ** j for j, r in enumerate(ranks[start:start + k]))
+                row += [word >> 8 * b & 255 for b in range(nbytes)]
+            meta.append(row)
         else:
             bits = [0] * (cols + (-cols) % 8)
             for c in (c for group in kept for c in group):
@@ -362,6 +398,18 @@ def _ref_unpack(values: torch.Tensor, meta: torch.Tensor, cols: int, n: int, m: 
         if codec == "b6x3":
             codes = [byte // 6**d % 6 for byte in row for d in range(3)][: cols // 4]
             kept = [4 * g + c for g, code in enumerate(codes) for c in packing.PAIRS_2_4[code]]
+        elif codec == "rank":
+            k, nbytes = packing.RANK_WORDS[n, m]
+            words = [sum(row[b + j] << 8 * j for j in range(nbytes)) for b in range(0, len(row), nbytes)]
+            ranks = [word // math.comb(m, n) ** j % math.comb(m, n) for word in words for j in range(k)][: cols // m]
+            kept = []
+            for g, rest in enumerate(ranks):  # greedy colex unrank: the largest c with C(c, i) <= rest, i = n .. 1
+                group = []
+                for i in range(n, 0, -1):
+                    c = max(c for c in range(m) if math.comb(c, i) <= rest)
+                    group.append(g * m + c)
+                    rest -= math.comb(c, i)
+                kept += sorted(group)
         else:
             kept = [8 * b + j for b, byte in enumerate(row) for j in range(8) if byte >> j & 1]
         dense[r, kept] = values[r]
@@ -387,7 +435,8 @@ def _nasty_nm(rows: int, cols: int, n: int, m: int, dtype: torch.dtype, seed: in
 
 
 CODEC_CASES = [(2, 4, "b6x3"), (2, 4, "bitmask"), (1, 4, "bitmask"), (4, 8, "bitmask"), (1, 2, "bitmask"),
-               (1, 3, "bitmask"), (2, 16, "bitmask")]
+               (1, 3, "bitmask"), (2, 16, "bitmask"), (1, 2, "rank"), (2, 4, "rank"), (4, 8, "rank"),
+               (8, 16, "rank")]
 
 
 @pytest.mark.parametrize("n,m,codec", CODEC_CASES)
@@ -420,7 +469,7 @@ def test_group_patterns_without_the_word_trick(n, m, codec, monkeypatch):
 def test_pack_reads_transposed_views():
     w = _nasty_nm(24, 40, 2, 4, torch.float32, 3)
     stored = w.t().contiguous()  # Conv1D storage: the (out, in) view is a transpose
-    for codec in ("b6x3", "bitmask"):
+    for codec in ("b6x3", "bitmask", "rank"):
         (values, meta), (expected_values, expected_meta) = packing.pack(stored.t(), 2, 4, codec), packing.pack(w, 2, 4,
                                                                                                              codec)
         assert torch.equal(meta, expected_meta) and torch.equal(_bits(values), _bits(expected_values))
@@ -430,10 +479,17 @@ def test_pack_reads_transposed_views():
 def test_unpack_refuses_metadata_no_packer_writes(n, m, codec):
     cols = 5 * m  # a partial last byte for every codec but 1:2 / 4:8 bitmask
     values, meta = packing.pack(_nasty_nm(4, cols, n, m, torch.float32, 0), n, m, codec)
-    corruptions = [(1, 0, 216), (1, 0, 250), (3, 0, 255)] if codec == "b6x3" else [(1, 0, int(meta[1, 0]) ^ 1)]
+    corruptions = [(1, 0, 216), (1, 0, 250), (3, 0, 255)] if codec in ("b6x3", "rank") and m == 4 else []
+    if codec == "bitmask":
+        corruptions.append((1, 0, int(meta[1, 0]) ^ 1))
+    elif codec == "rank" and m > 4:  # the top byte of a 7-byte word at 255 is >= C(8, 4)^9 and C(16, 8)^4
+        corruptions.append((1, 6, 255))
     last = int(meta[2, -1])
-    if codec == "b6x3":  # padding groups of the last byte must be code 0
+    if codec == "b6x3" or (n, m) == (2, 4):  # padding groups of the last byte must be code 0
         corruptions.append((2, -1, last + 36 if cols // 4 % 3 == 2 else last + 6))
+    elif codec == "rank":  # 5 groups in a word of k: the last group is padding
+        k, nbytes = packing.RANK_WORDS[n, m]
+        corruptions.append((2, -1, last + (1 << 7 if m == 2 else 1 << 5)))
     elif cols % 8:  # bits past the last column must be clear
         corruptions.append((2, -1, last | 0x80))
     for row, column, byte in corruptions:

@@ -23,10 +23,12 @@ from torch import nn
 
 from ..config import SparsityConfig
 from ..io import atomic_directory, check_output_dir, write_json
-from ..modeling import select_sparse_modules
+from ..modeling import out_in, select_sparse_modules
 from ..nn import RecoverLinear, plain_layer
+from ..quantization.packed import check_grid
+from ..quantization.state import grid_of
 from .modules import side_tensor_names
-from .quantizer import SparsityHfQuantizer
+from .quantizer import SparsityHfQuantizer, grid_mismatch
 
 SIDE_FILE = "sparsity_config.json"
 _QUANT_ATTRS = ("hf_quantizer", "is_quantized", "quantization_method")
@@ -85,6 +87,7 @@ def resolve_for_save(model: nn.Module, config: SparsityConfig, format: str) -> S
     resolved.provenance = dict(config.provenance)
     resolved.format = format
     resolved.codec = config.resolved_codec if format == "packed" else config.codec
+    resolved.format_version = resolved.layout_version
     if resolved.modules is None:
         recovered = {f"{name}.base" for name, module in model.named_modules() if isinstance(module, RecoverLinear)}
         resolved.modules = [name.removesuffix(".base") if name in recovered else name  # WRP: the wrapper's name
@@ -94,7 +97,21 @@ def resolve_for_save(model: nn.Module, config: SparsityConfig, format: str) -> S
     if missing:
         raise ValueError(f"Sparse modules {missing[:3]} of the config have no weight in this model; is it the "
                          "model the config was made for?")
+    if format == "packed":
+        _check_grids(model, resolved)
     return resolved
+
+
+def _check_grids(model: nn.Module, config: SparsityConfig) -> None:
+    """Every sparse module is quantized on the config's grid, or none is and the config has no bits."""
+    scheme = config.scheme
+    for name in config.modules:
+        layer = plain_layer(model.get_submodule(name))
+        grid = grid_of(layer)
+        if (grid is None) != (scheme is None):
+            raise ValueError(grid_mismatch(name, scheme))
+        if grid is not None:
+            check_grid(*grid, out_in(layer).shape, scheme, name)
 
 
 def _save_packed(model: nn.Module, directory: Path, config: SparsityConfig, kwargs: dict[str, Any]) -> None:

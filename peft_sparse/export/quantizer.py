@@ -5,11 +5,14 @@ Registered with ``SparsityConfig`` under ``quant_method="peft_sparse"`` on ``imp
 
 * load: every ``<module>.weight`` is read together with its ``<module>.weight_meta`` (when there is one) and decoded
   back to the exact dense weight (``Unpack``); float values are cast to the requested ``dtype``, the uint8
-  metadata never is (``get_new_dtype``). Side tensors saved next to the weights (SLoRB's ``slorb_S``, WRP's
-  ``recover_*``) are registered as buffers of the shapes in the file headers, then filled by the normal loader;
-  layers with recover buffers become ``RecoverLinear`` again once loaded;
-* save: ``get_state_dict_and_metadata`` packs the sparse modules and refuses a weight that lost its pattern; a
-  ``RecoverLinear`` is written under its own name (``<module>.weight`` packed, ``<module>.recover_*`` as they are);
+  metadata never is (``get_new_dtype``). A quantized (v2) weight also brings its ``weight_scale`` (and
+  ``weight_zero_point``) and is decoded to the dequantized weight plus those buffers: the in-memory quantized
+  model. Side tensors saved next to the weights (SLoRB's ``slorb_S``, WRP's ``recover_*``) are registered as
+  buffers of the shapes in the file headers, then filled by the normal loader; layers with recover buffers become
+  ``RecoverLinear`` again once loaded;
+* save: ``get_state_dict_and_metadata`` packs the sparse modules (quantized ones as their codes) and refuses a
+  weight that lost its pattern or its grid; a ``RecoverLinear`` is written under its own name (``<module>.weight``
+  packed, ``<module>.recover_*`` as they are);
 * prune on load: a dense checkpoint with ``quantization_config=SparsityConfig(method="magnitude")`` is pruned tensor
   by tensor as it is read, exactly like ``peft_sparse.prune``; data-driven methods are refused up front;
 * training: PEFT adapters on a packed model train as usual; full fine-tuning with a plain ``Trainer`` is refused
@@ -32,6 +35,9 @@ from ..config import QUANT_METHOD, SparsityConfig
 from ..modeling import out_in, select_sparse_modules, to_storage
 from ..nn import RecoverLinear, plain_layer
 from ..pruning.magnitude import magnitude_prune
+from ..quantization import packed
+from ..quantization.grid import dequantize
+from ..quantization.state import SCALE, ZERO_POINT, grid_of
 from ..sparsity import packing
 from .modules import SIDE_TENSORS, install_side_tensors, side_tensor_specs, wrap_recovered
 
@@ -55,7 +61,9 @@ class _QuantizerOp(ConversionOps):
 
 
 class Unpack(_QuantizerOp):
-    """``{weight, weight_meta}`` from the checkpoint -> the dense weight; a lone ``weight`` passes through."""
+    """``{weight, weight_meta}`` from the checkpoint -> the dense weight (quantized: ``{weight, weight_meta,
+    weight_scale[, weight_zero_point]}`` -> the dequantized weight and its grid buffers); a lone ``weight`` passes
+    through."""
 
     def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model: nn.Module | None = None,
                 **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -65,9 +73,18 @@ class Unpack(_QuantizerOp):
         config = self.hf_quantizer.quantization_config
         pattern = config.sparsity_pattern
         module = _parent(model, full_layer_name)
-        stored = packing.unpack(weight, _single(input_dict["weight" + META_SUFFIX]), out_in(module).shape[1],
-                                pattern.n, pattern.m, config.resolved_codec, transpose=isinstance(module, Conv1D))
-        return {"weight": stored}  # decoded straight into the storage orientation (Conv1D: (in, out))
+        meta, in_features = _single(input_dict["weight" + META_SUFFIX]), out_in(module).shape[1]
+        if config.scheme is None:
+            stored = packing.unpack(weight, meta, in_features, pattern.n, pattern.m, config.resolved_codec,
+                                    transpose=isinstance(module, Conv1D))
+            return {"weight": stored}  # decoded straight into the storage orientation (Conv1D: (in, out))
+        if SCALE not in input_dict:
+            raise ValueError(f"{full_layer_name}: a quantized checkpoint without its {SCALE}; the file is incomplete.")
+        zero = _single(input_dict[ZERO_POINT]) if ZERO_POINT in input_dict else None
+        layer = packed.decode_layer(weight, meta, _single(input_dict[SCALE]), zero, in_features, pattern.n,
+                                    pattern.m, config.resolved_codec, config.scheme)
+        weight = to_storage(module, dequantize(layer.codes, layer.scale, layer.zero, layer.scale.dtype))
+        return {"weight": weight.contiguous(), SCALE: layer.scale, **({} if zero is None else {ZERO_POINT: zero})}
 
     @property
     def reverse_op(self) -> ConversionOps:
@@ -87,13 +104,23 @@ class PruneOnLoad(_QuantizerOp):
         return {key: to_storage(module, pruned.to(weight.dtype)).contiguous()}
 
 
+def grid_mismatch(name: str, scheme: Any) -> str:
+    """Why a sparse module cannot be saved with this config: its grid buffers and the config's ``bits`` disagree."""
+    if scheme is None:
+        return (f"{name} is quantized (it has a {SCALE}) but the config has no bits; save with the config it was "
+                "quantized with (bits, group_size, symmetric).")
+    return (f"{name} is not quantized (no {SCALE}) but the config says {scheme}; quantize the model first "
+            "(peft_sparse.quantize) or save with bits=None.")
+
+
 def _single(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
 class SparsityHfQuantizer(HfQuantizer):
     requires_calibration = False
-    serialized_names: ClassVar[dict[str, list[str]]] = {"weight": ["weight", "weight" + META_SUFFIX]}
+    serialized_names: ClassVar[dict[str, list[str]]] = {"weight": ["weight", "weight" + META_SUFFIX, SCALE,
+                                                                   ZERO_POINT]}
 
     def __init__(self, quantization_config: SparsityConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
@@ -134,8 +161,23 @@ class SparsityHfQuantizer(HfQuantizer):
             self._targets = set(selected)
             config.modules = list(selected)
             config.format, config.codec = "packed", config.resolved_codec
+            config.format_version = config.layout_version
         install_side_tensors(model, side_tensor_specs(checkpoint_files or []), device="meta")
+        if self.pre_quantized and config.scheme is not None:
+            self._install_grid_buffers(model)
         return model
+
+    def _install_grid_buffers(self, model: nn.Module) -> None:
+        """Empty ``weight_scale`` (and ``weight_zero_point``) buffers on each quantized module, filled by ``Unpack``."""
+        scheme = self.quantization_config.scheme
+        for name in self._targets:
+            layer = model.get_submodule(name)
+            out_features, in_features = out_in(layer).shape
+            scheme.check_width(in_features, name)
+            shape = (out_features, in_features // scheme.group_width(in_features))
+            layer.register_buffer(SCALE, torch.empty(shape, dtype=layer.weight.dtype, device="meta"))
+            if not scheme.symmetric:
+                layer.register_buffer(ZERO_POINT, torch.empty(shape, dtype=torch.uint8, device="meta"))
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         return (not self.pre_quantized and param_name.endswith(".weight")
@@ -161,7 +203,7 @@ class SparsityHfQuantizer(HfQuantizer):
     # ---- saving ----
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         config = self.quantization_config
-        pattern, codec = config.sparsity_pattern, config.resolved_codec
+        pattern, codec, scheme = config.sparsity_pattern, config.resolved_codec, config.scheme
         recovered = {f"{name}.base" for name, module in model.named_modules() if isinstance(module, RecoverLinear)}
         state = {}
         for key, tensor in model.state_dict().items():
@@ -171,11 +213,19 @@ class SparsityHfQuantizer(HfQuantizer):
                 key = f"{module_name}.{leaf}"
             if leaf == "weight" and module_name in self._targets:
                 module = plain_layer(model.get_submodule(module_name))
-                state[key], state[key + META_SUFFIX] = packing.pack(to_storage(module, tensor), pattern.n,
-                                                                    pattern.m, codec, name=module_name)
+                grid = grid_of(module)
+                if (grid is None) != (scheme is None):
+                    raise ValueError(grid_mismatch(module_name, scheme))
+                if scheme is None:
+                    state[key], state[key + META_SUFFIX] = packing.pack(to_storage(module, tensor), pattern.n,
+                                                                        pattern.m, codec, name=module_name)
+                else:
+                    state[key], state[key + META_SUFFIX] = packed.encode_layer(
+                        to_storage(module, tensor), *grid, scheme, pattern.n, pattern.m, codec, module_name)
             else:
-                state[key] = tensor
-        return state, {"peft_sparse_format": f"v{config.format_version} {codec} {pattern}"}
+                state[key] = tensor  # weight_scale / weight_zero_point of quantized modules pass as they are
+        layout = f"v{config.format_version} {codec} {pattern}" + ("" if scheme is None else f" {scheme}")
+        return state, {"peft_sparse_format": layout}
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True

@@ -7,6 +7,10 @@ The layout is the packed checkpoint format (``FORMAT.md``): for an ``(out, in)``
 
   - ``"b6x3"`` (2:4 only): each group's kept pair is one of 6 (``PAIRS_2_4``); three group codes share a byte as
     ``c0 + 6*c1 + 36*c2``, so a row takes ``ceil(in/12)`` bytes (log2(6)/(8/3) = 96.9% of the information limit);
+  - ``"rank"`` (1:2, 4:8, 8:16; also 2:4, where its bytes equal b6x3's): a group's kept columns
+    ``c_1 < ... < c_N`` have the colex rank ``r = sum_i C(c_i, i)`` in ``[0, C(M, N))``; ``k`` consecutive groups
+    share one little-endian word of ``B`` bytes as ``r_0 + C*r_1 + C^2*r_2 + ...`` (``RANK_WORDS``), so a row takes
+    ``ceil(in/M/k)*B`` bytes;
   - ``"bitmask"`` (any N:M): bit ``j`` of byte ``b`` is column ``8b + j`` (little-endian, like
     ``numpy.packbits(bitorder="little")``), ``ceil(in/8)`` bytes a row.
 
@@ -25,15 +29,22 @@ import torch
 
 from .masks import nm_mask
 
-CODECS = ("b6x3", "bitmask")
+CODECS = ("b6x3", "rank", "bitmask")
 PAIRS_2_4 = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))  # code c -> kept columns of the group (colex order)
 _B6_DIGITS = 3  # 6**3 = 216 <= 256 codes per byte
 _B6_MAX_BYTE = 6**_B6_DIGITS - 1
 
 
+# (groups per word k, bytes per word B) of the rank codec: the fewest bits per group with C(M, N)^k <= 2^(8B) and
+# B <= 7 (a word fits an int64). 2:4's (3, 1) is b6x3 itself; M >= 32 gains < 2% over bitmask and is left to it.
+RANK_WORDS = {(1, 2): (8, 1), (2, 4): (3, 1), (4, 8): (9, 7), (8, 16): (4, 7)}
+
+
 def default_codec(n: int, m: int) -> str:
-    """The smallest codec for ``n:m``: ``"b6x3"`` for 2:4, ``"bitmask"`` otherwise."""
-    return "b6x3" if (n, m) == (2, 4) else "bitmask"
+    """The smallest codec for ``n:m``: ``"b6x3"`` for 2:4, ``"rank"`` for 1:2, 4:8 and 8:16, else ``"bitmask"``."""
+    if (n, m) == (2, 4):
+        return "b6x3"  # the same bytes as rank, decoded by a byte lookup
+    return "rank" if (n, m) in RANK_WORDS else "bitmask"
 
 
 def check_codec(codec: str, n: int, m: int) -> None:
@@ -41,18 +52,24 @@ def check_codec(codec: str, n: int, m: int) -> None:
         raise ValueError(f"Unknown codec {codec!r}; choose one of {CODECS}.")
     if codec == "b6x3" and (n, m) != (2, 4):
         raise ValueError(f"codec 'b6x3' encodes 2:4 groups only, not {n}:{m}; use codec='bitmask'.")
+    if codec == "rank" and (n, m) not in RANK_WORDS:
+        patterns = ", ".join(f"{a}:{b}" for a, b in RANK_WORDS)
+        raise ValueError(f"codec 'rank' has word sizes for {patterns} only, not {n}:{m}; use codec='bitmask'.")
 
 
-def meta_shape(out_features: int, in_features: int, m: int, codec: str) -> tuple[int, int]:
-    """Shape of the uint8 metadata of an ``(out, in)`` weight."""
+def meta_shape(out_features: int, in_features: int, n: int, m: int, codec: str) -> tuple[int, int]:
+    """Shape of the uint8 metadata of an ``(out, in)`` ``n:m`` weight."""
     if codec == "b6x3":
         return out_features, math.ceil(in_features // m / _B6_DIGITS)
+    if codec == "rank":
+        k, nbytes = RANK_WORDS[n, m]
+        return out_features, math.ceil(in_features // m / k) * nbytes
     return out_features, math.ceil(in_features / 8)
 
 
 def packed_nbytes(out_features: int, in_features: int, n: int, m: int, codec: str, element_size: int) -> int:
     """Bytes of values plus metadata for one packed weight."""
-    rows, cols = meta_shape(out_features, in_features, m, codec)
+    rows, cols = meta_shape(out_features, in_features, n, m, codec)
     return out_features * (in_features // m * n) * element_size + rows * cols
 
 
@@ -71,7 +88,7 @@ _BYTE_COLUMNS = {"b6x3": 4 * _B6_DIGITS, "bitmask": 8}
 
 
 def _byte_aligned(codec: str, m: int) -> bool:
-    return codec == "b6x3" or 8 % m == 0
+    return codec == "b6x3" or (codec == "bitmask" and 8 % m == 0)
 
 
 @cache
@@ -191,6 +208,61 @@ def kept_positions(weight: torch.Tensor, n: int, m: int, name: str = "weight") -
     return nm_mask(nonzero.to(torch.int8), n, m)  # every nonzero, padded with the lowest-index zeros
 
 
+# The rank codec: colex ranks (combinatorial number system) of each group's kept columns, k to a B-byte word.
+
+@cache
+def _binomials(n: int, m: int, device: str) -> torch.Tensor:
+    """``T[c, i] = C(c, i)`` for ``c < m``, ``i <= n``, int64 (C(15, 8) is far below 2^63)."""
+    return torch.tensor([[math.comb(c, i) for i in range(n + 1)] for c in range(m)], dtype=torch.int64, device=device)
+
+
+@cache
+def _unrank_table(n: int, m: int, device: str) -> torch.Tensor:
+    """rank -> its kept columns in increasing order, int64 ``(C(m, n), n)``: the greedy colex decode (the largest
+    ``c`` with ``C(c, i) <= r``, for ``i = n .. 1``), run once over every rank."""
+    table = _binomials(n, m, "cpu")
+    rank = torch.arange(math.comb(m, n))
+    columns = torch.empty(rank.numel(), n, dtype=torch.int64)
+    for i in range(n, 0, -1):
+        c = (table[:, i].unsqueeze(0) <= rank.unsqueeze(-1)).sum(-1) - 1
+        columns[:, i - 1] = c
+        rank = rank - table[c, i]
+    return columns.to(device)
+
+
+def _rank_encode(keep: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """uint8 rank metadata ``(out, words*B)`` of a bool ``(out, in)`` keep set with exactly ``n`` per group."""
+    rows = keep.shape[0]
+    k, nbytes = RANK_WORDS[n, m]
+    groups = keep.reshape(rows, -1, m)
+    index = groups.cumsum(-1, dtype=torch.int32).clamp_(max=n)  # 1-based index of a kept column among the kept ones
+    flat = index.add_(torch.arange(m, device=keep.device, dtype=torch.int32) * (n + 1))  # -> T[c, i], flattened
+    table = _binomials(n, m, str(keep.device)).view(-1)
+    ranks = (_lookup(table, flat) * groups).sum(-1)  # sum_i C(c_i, i)
+    ranks = torch.nn.functional.pad(ranks, (0, -ranks.shape[1] % k)).view(rows, -1, k)  # padding groups: rank 0
+    radix = math.comb(m, n) ** torch.arange(k, device=keep.device)
+    words = (ranks * radix).sum(-1, keepdim=True)
+    shifts = 8 * torch.arange(nbytes, device=keep.device)
+    return ((words >> shifts) & 255).to(torch.uint8).view(rows, ranks.shape[1] * nbytes)
+
+
+def _rank_columns(meta: torch.Tensor, in_features: int, n: int, m: int) -> torch.Tensor:
+    """The kept dense columns ``(out, in/m*n)`` (int64, increasing in each row) of rank metadata; raises on a word
+    no packer writes (at or above C^k, or a nonzero padding rank)."""
+    rows, groups = meta.shape[0], in_features // m
+    k, nbytes = RANK_WORDS[n, m]
+    count = math.comb(m, n)
+    shifts = 8 * torch.arange(nbytes, device=meta.device)
+    words = (meta.reshape(rows, meta.shape[1] // nbytes, nbytes).to(torch.int64) << shifts).sum(-1, keepdim=True)
+    digits = words // count ** torch.arange(k, device=meta.device) % count
+    ranks = digits.view(rows, digits.shape[1] * k)
+    if meta.numel() and (bool((words >= count**k).any()) or bool(ranks[:, groups:].any())):
+        raise _corrupt("rank", n, m)
+    in_group = _lookup(_unrank_table(n, m, str(meta.device)), ranks[:, :groups].contiguous())  # (out, groups, n)
+    start = m * torch.arange(groups, device=meta.device).unsqueeze(-1)
+    return (in_group + start).view(rows, -1)
+
+
 def _encode(weight: torch.Tensor, n: int, m: int, codec: str, name: str) -> torch.Tensor:
     """The uint8 metadata of a contiguous, byte-aligned ``weight``."""
     rows, groups = weight.shape[0], weight.shape[1] // m
@@ -227,8 +299,11 @@ def pack(weight: torch.Tensor, n: int, m: int, codec: str, name: str = "weight")
     out_features, in_features = weight.shape
     if not _byte_aligned(codec, m):
         keep = kept_positions(weight, n, m, name)
-        bits = torch.nn.functional.pad(keep, (0, (-in_features) % 8)).reshape(out_features, -1, 8)
-        meta = (bits.to(torch.int32) << torch.arange(8, device=weight.device, dtype=torch.int32)).sum(-1)
+        if codec == "rank":
+            meta = _rank_encode(keep, n, m)
+        else:
+            bits = torch.nn.functional.pad(keep, (0, (-in_features) % 8)).reshape(out_features, -1, 8)
+            meta = (bits.to(torch.int32) << torch.arange(8, device=weight.device, dtype=torch.int32)).sum(-1)
         return _bits(weight)[keep].view(weight.dtype).reshape(out_features, -1), meta.to(torch.uint8)
     weight = weight.contiguous()  # a Conv1D weight arrives as its transposed view
     meta = _encode(weight, n, m, codec, name)
@@ -243,7 +318,7 @@ def _check_packed(values: torch.Tensor, meta: torch.Tensor, in_features: int, n:
     if meta.dtype != torch.uint8:
         raise ValueError(f"packed metadata must be uint8, not {meta.dtype}.")
     rows = meta.shape[0] if meta.dim() == 2 else -1
-    expected = (rows, in_features // m * n), meta_shape(rows, in_features, m, codec)
+    expected = (rows, in_features // m * n), meta_shape(rows, in_features, n, m, codec)
     if in_features % m or (tuple(values.shape), tuple(meta.shape)) != expected:
         raise ValueError(f"packed values of shape {tuple(values.shape)} and metadata of shape {tuple(meta.shape)} do "
                          f"not match (expected {expected[0]} and {expected[1]} for {n}:{m} over {in_features} "
@@ -251,8 +326,9 @@ def _check_packed(values: torch.Tensor, meta: torch.Tensor, in_features: int, n:
 
 
 def _corrupt(codec: str, n: int, m: int) -> ValueError:
-    what = (f"a byte above {_B6_MAX_BYTE} or a padding group with a code other than 0" if codec == "b6x3"
-            else f"a group of {m} without exactly {n} kept columns, or a bit past the last column")
+    what = {"b6x3": f"a byte above {_B6_MAX_BYTE} or a padding group with a code other than 0",
+            "rank": f"a word at or above C({m}, {n})^k or a padding group with a rank other than 0"}.get(
+        codec, f"a group of {m} without exactly {n} kept columns, or a bit past the last column")
     return ValueError(f"corrupt {codec} metadata: {what}.")
 
 
@@ -282,6 +358,9 @@ def unpack(values: torch.Tensor, meta: torch.Tensor, in_features: int, n: int, m
     storage = torch.zeros((in_features, rows) if transpose else (rows, in_features), dtype=values.dtype,
                           device=values.device)
     dense = _bits(storage).t() if transpose else _bits(storage)  # the (out, in) view of the result
+    if codec == "rank":
+        dense.scatter_(1, _rank_columns(meta, in_features, n, m), _bits(values))
+        return storage
     if not _byte_aligned(codec, m):
         bits = (meta.unsqueeze(-1) >> torch.arange(8, device=meta.device, dtype=torch.uint8)) & 1
         bits = bits.reshape(rows, -1)
