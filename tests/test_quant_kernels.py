@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft_tiny_models import tiny_llama
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft_tiny_models import tiny_llama, token_batch
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
+from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from peft_sparse import SparsityConfig, SPPConfig, save_pretrained
 from peft_sparse.modeling import select_sparse_modules
 from peft_sparse.quantization import QuantScheme, dequantize, grid_of, quantize, quantize_layer, set_grid
 from peft_sparse.quantization.kernels import IntLinear, dequantize_kernels, kernel_unsupported, to_kernels
@@ -114,3 +119,91 @@ def test_layers_the_kernels_cannot_take_stay_float():
     left = to_kernels(model, scheme)
     assert len(left) == 14 and all("asymmetric" in reason for reason in left.values())
     assert not any(isinstance(m, IntLinear) for m in model.modules())
+
+
+# ---- loading a packed v2 checkpoint onto the kernels ----
+
+def _saved(tmp_path, scheme: QuantScheme, dtype: torch.dtype = torch.float32, model: nn.Module | None = None):
+    """A tiny 2:4 Llama quantized in memory, saved packed v2; returns (in-memory model, directory)."""
+    model = (model or tiny_llama()).to(dtype)
+    _quantize_in_memory(model, scheme)
+    config = SparsityConfig(method="magnitude", bits=scheme.bits, group_size=scheme.group_size,
+                            symmetric=scheme.symmetric)
+    return model, save_pretrained(model, tmp_path / "ckpt", config=config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32), QuantScheme(4, 64), QuantScheme(8, -1)], ids=str)
+def test_from_pretrained_runs_on_kernels_and_round_trips(tmp_path, scheme, dtype):
+    model, directory = _saved(tmp_path, scheme, dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    assert sum(isinstance(m, IntLinear) for m in loaded.modules()) == 14
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _relative(loaded(ids).logits, model(ids).logits) < TOLERANCE[dtype]
+        assert torch.equal(loaded.generate(ids, max_new_tokens=8, do_sample=False),
+                           model.generate(ids, max_new_tokens=8, do_sample=False))
+    again = save_pretrained(loaded, tmp_path / "again")  # saving a kernel model writes v2 again, bit for bit
+    assert (again / "config.json").read_text() == (directory / "config.json").read_text()
+    first, second = load_file(directory / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+    loaded.dequantize()  # the dense floats back: exactly the in-memory quantized model
+    assert not any(isinstance(m, IntLinear) for m in loaded.modules())
+    for (name, expected), actual in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(expected, actual), name
+
+
+def test_load_time_switch_gives_dequantized_floats(tmp_path):
+    model, directory = _saved(tmp_path, QuantScheme(4, 32))
+    loaded = AutoModelForCausalLM.from_pretrained(directory,
+                                                  quantization_config=SparsityConfig(run_compressed=False))
+    assert not any(isinstance(m, IntLinear) for m in loaded.modules())
+    for (name, expected), actual in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(expected, actual), name
+
+
+def test_layers_the_kernels_cannot_take_load_as_floats_with_one_log_line(tmp_path, caplog):
+    model = tiny_llama(intermediate_size=96)  # down_proj: 96 inputs, not a group size the int4 kernel takes
+    _, directory = _saved(tmp_path, QuantScheme(4, -1), model=model)
+    with caplog.at_level("WARNING", logger="peft_sparse.export.quantizer"):
+        loaded = AutoModelForCausalLM.from_pretrained(directory)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, nn.Linear)
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, IntLinear)
+    lines = [r.getMessage() for r in caplog.records if "dequantized float weights" in r.getMessage()]
+    assert len(lines) == 1 and "2 quantized layers" in lines[0] and "group of 96" in lines[0]
+
+
+def test_adapters_that_change_w_refuse_the_kernel_model(tmp_path):
+    _, directory = _saved(tmp_path, QuantScheme(4, 32))
+    loaded = AutoModelForCausalLM.from_pretrained(directory)
+    with pytest.raises(TypeError, match=r"int kernel.*run_compressed=False.*dequantize\(\)"):
+        get_peft_model(loaded, SPPConfig(r=4))
+
+
+def test_lora_trains_on_top_of_the_kernels(tmp_path):
+    """LoRA adds a branch: on the int kernels it gives the float model's outputs and gradients."""
+    results = []
+    for run_compressed in (False, True):
+        _, directory = _saved(tmp_path / str(run_compressed), QuantScheme(4, 32))
+        base = AutoModelForCausalLM.from_pretrained(
+            directory, quantization_config=SparsityConfig(run_compressed=run_compressed))
+        config = LoraConfig(target_modules=["q_proj", "down_proj"], r=4, init_lora_weights=False)
+        config._register_custom_module({IntLinear: LoraLinear})  # peft's hook for layer types it does not know
+        torch.manual_seed(3)
+        model = get_peft_model(base, config)
+        loss = model(token_batch()).logits.square().mean()
+        loss.backward()
+        results.append((loss.detach(), model.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight
+                        .grad))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_sparse_retraining_refuses_the_kernel_model(tmp_path):
+    from peft_sparse import SparseTrainer, SparseTrainingArguments
+
+    _, directory = _saved(tmp_path, QuantScheme(4, 32))
+    loaded = AutoModelForCausalLM.from_pretrained(directory)
+    args = SparseTrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], max_steps=1)
+    with pytest.raises(TypeError, match=r"SparseTrainer.*\(and 13 more layers\).*int kernel"):
+        SparseTrainer(model=loaded, args=args)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modeling import is_sparse_layer
+from ..modeling import is_sparse_layer, out_in
 from .grid import QuantScheme, codes_of, dequantize
 from .state import grid_of, set_grid
 
@@ -136,6 +136,24 @@ class IntLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}"
+
+
+def refuse_kernels(model: nn.Module, user: str, name: str = "") -> None:
+    """Raise, naming the fix, when ``user`` (something that changes ``W`` itself) meets an :class:`IntLinear`."""
+    found = [key for key, module in model.named_modules() if isinstance(module, IntLinear)]
+    if found:
+        more = f" (and {len(found) - 1} more layers)" if len(found) > 1 else ""
+        where = f"{name or found[0] or 'the model'}{more}"
+        raise TypeError(f"{user} changes the weights themselves, but {where} runs on an int kernel (a quantized "
+                        "checkpoint loaded as it is): load it with quantization_config=SparsityConfig("
+                        "run_compressed=False), or call model.dequantize() first.")
+
+
+def layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """The ``(out, in)`` shape of a sparse layer, a float one or an :class:`IntLinear` (whose ``weight`` is packed)."""
+    if isinstance(layer, IntLinear):
+        return layer.out_features, layer.in_features
+    return tuple(out_in(layer).shape)
 
 
 class _KernelMatmul(torch.autograd.Function):
