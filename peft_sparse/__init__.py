@@ -20,6 +20,7 @@ from .export import (  # registers quant_method "peft_sparse" with transformers
     to_semi_structured,
 )
 from .prune import prune  # eager: the submodule of the same name would otherwise shadow the function
+from .quantize import quantize  # eager, for the same reason
 from .sparsity import SparsityPattern
 from .tuners import SLoRBConfig, SLoRBModel, SPPConfig, SPPModel, get_slorb_model
 
@@ -55,6 +56,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Perplexity", "SLoRBConfig", "SLoRBModel", "SPPConfig", "SPPModel", "SparsityConfig", "SparsityHfQuantizer",
-    "SparsityPattern", "__version__", "get_slorb_model", "model_card", "prune", "push_to_hub", "save_pretrained",
-    "to_semi_structured", *_LAZY,
+    "SparsityPattern", "__version__", "get_slorb_model", "model_card", "prune", "push_to_hub", "quantize",
+    "save_pretrained", "to_semi_structured", *_LAZY,
 ]

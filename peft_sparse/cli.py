@@ -212,7 +212,8 @@ def checked_calibration(model, config: SparsityConfig, calibration, tokenizer):
     from .prune import resolve_calibration
     from .pruning import engine
 
-    engine.plan(model, config.sparsity_pattern, config.targets, config.ignore, config.all_options)
+    engine.plan(model, config.sparsity_pattern, config.targets, config.ignore, config.all_options,
+                config.scheme)
     return resolve_calibration(model, config, calibration, tokenizer)
 
 

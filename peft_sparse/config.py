@@ -150,6 +150,9 @@ class SparsityConfig(QuantizationConfigMixin):
         if self.bits is not None and self.resolved_quantizer == JOINT and self.method != "sparsegpt":
             raise ValueError(f"quantizer='joint' (quantize inside the pruning sweep) needs method='sparsegpt', not "
                              f"{self.method!r}; use quantizer='gptq', 'awq' or 'rtn' to quantize after pruning.")
+        if self.bits is not None and self.resolved_quantizer == JOINT and self.refine is not None:
+            raise ValueError(f"quantizer='joint' quantizes inside SparseGPT's sweep, so refine={self.refine!r} would "
+                             "move weights off their grid; use quantizer='gptq' (quantize after the refiner).")
         self.quantizer_config  # noqa: B018  (validates quantizer name and quantizer_options)
 
     @property
@@ -192,8 +195,9 @@ class SparsityConfig(QuantizationConfigMixin):
 
     @property
     def all_options(self) -> list[PrunerOptions]:
-        """Options of the method and of the refiner, for the per-layer checks run before any work."""
-        return [options for options in (self.options, self.refiner_options) if options is not None]
+        """Options of the method, refiner and quantizer, for the per-layer checks run before any work."""
+        return [options for options in (self.options, self.refiner_options, self.quantizer_config)
+                if options is not None]
 
     @property
     def needs_calibration(self) -> bool:

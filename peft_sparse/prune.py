@@ -25,10 +25,12 @@ def _check_token_ids(calibration: torch.Tensor, model: nn.Module) -> torch.Tenso
 
 
 def resolve_calibration(
-    model: nn.Module, config: SparsityConfig, calibration: torch.Tensor | str | None, tokenizer: Any
+    model: nn.Module, config: SparsityConfig, calibration: torch.Tensor | str | None, tokenizer: Any,
+    needed: bool | None = None,
 ) -> torch.Tensor | None:
-    """Token ids ``(nsamples, seqlen)`` to calibrate with, or ``None`` for data-free methods (which ignore it)."""
-    if not config.needs_calibration:
+    """Token ids ``(nsamples, seqlen)`` to calibrate with, or ``None`` for data-free methods (which ignore it).
+    ``needed`` overrides ``config.needs_calibration`` (quantizing an already-sparse model runs no pruner)."""
+    if not (config.needs_calibration if needed is None else needed):
         return None  # data-free: skip the capture and the two forward passes per block
     if isinstance(calibration, torch.Tensor):
         return _check_token_ids(calibration, model)
@@ -38,7 +40,8 @@ def resolve_calibration(
         )
     if tokenizer is None:
         raise ValueError(
-            f"Method {config.method!r} needs calibration data: pass `calibration` as token ids (nsamples, seqlen), "
+            f"Method {config.resolved_quantizer if needed else config.method!r} needs calibration data: pass "
+            "`calibration` as token ids (nsamples, seqlen), "
             "or a `tokenizer` (with an optional dataset name/path in `calibration`)."
         )
     from .data import load_calibration  # lazy: the data module pulls in datasets
@@ -69,7 +72,8 @@ def prune(
 
     Bad input (unknown layers, widths not divisible by M, missing calibration) raises before the model is touched.
     """
-    plan = engine.plan(model, config.sparsity_pattern, config.targets, config.ignore, config.all_options)
+    plan = engine.plan(model, config.sparsity_pattern, config.targets, config.ignore, config.all_options,
+                         config.scheme)
     ids = resolve_calibration(model, config, calibration, tokenizer)
     report = engine.run(model, config, plan, ids)
     model.peft_sparse_config = config  # what peft_sparse.save_pretrained(model, ...) writes

@@ -21,12 +21,15 @@ class PruneResult:
     """What a pruner returns for one layer: the fp32 ``(out, in)`` weight, its bool keep mask, and extra tensors.
 
     ``extras`` carries per-layer artefacts beyond the N:M weight, e.g. WRP's ``"recover"`` matrix; the engine turns
-    them into a module (see :mod:`peft_sparse.nn`) and counts their non-zeros in the report.
+    them into a module (see :mod:`peft_sparse.nn`) and counts their non-zeros in the report. ``grid`` is
+    ``(scale, zero)`` when the kept values were quantized (:mod:`peft_sparse.quantization.grid`); the engine stores
+    the weight's codes dequantized in the model's dtype and records the grid on the layer.
     """
 
     weight: torch.Tensor
     mask: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    grid: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 @dataclass

@@ -16,10 +16,15 @@ Design (as in the Wanda and SparseGPT papers, without their hard-coded ``model.m
   pair, so both are collected in the same pass and shared the same way;
 * a result whose ``extras`` hold a recover matrix (WRP) replaces its layer by a :class:`~peft_sparse.nn.RecoverLinear`
   before pass 2, so the next block sees the recovered outputs;
+* with ``bits`` set, a quantizer is composed with the pruner into one :class:`~peft_sparse.quantization.Quantized`
+  pruner the same way: after a target is pruned its kept values go onto the grid (``joint``: inside SparseGPT's
+  sweep), the weight holds the codes dequantized in the model's dtype (pruned entries exactly +0.0) and the layer
+  records ``weight_scale`` / ``weight_zero_point``; pass 2 forwards the quantized block, so the quantization error
+  of block i reaches block i+1 as the pruning error does;
 * with CUDA available and the model on CPU, each block visits the GPU in turn (how a 70B is pruned on one GPU).
 
-All checks (blocks found, targets found, widths divisible by M, per-layer option checks such as WRP's block size)
-run in :func:`plan` before the model is touched.
+All checks (blocks found, targets found, widths divisible by M and by the group size, per-layer option checks such
+as WRP's block size) run in :func:`plan` before the model is touched.
 """
 
 from __future__ import annotations
@@ -37,10 +42,13 @@ from tqdm.auto import tqdm
 
 from ..modeling import find_decoder_blocks, out_in, select_sparse_modules
 from ..nn import RecoverLinear
+from ..quantization.grid import QuantScheme, dequantize, quantize, quantize_layer
+from ..quantization.methods import Quantized
+from ..quantization.state import set_grid
 from ..sparsity import SparsityPattern
 from .base import Pruner, PruneResult, Refined
 from .magnitude import magnitude_prune
-from .registry import PrunerOptions, get_pruner, get_refiner
+from .registry import PrunerOptions, get_pruner, get_quantizer, get_refiner
 from .report import LayerReport, PruneReport
 
 if TYPE_CHECKING:
@@ -91,9 +99,11 @@ def plan(
     targets: list[str] | None = None,
     ignore: list[str] | tuple = (),
     options: Sequence[PrunerOptions] = (),
+    scheme: QuantScheme | None = None,
 ) -> Plan:
     """Resolve and check blocks and targets (:func:`~peft_sparse.modeling.select_sparse_modules`); raises before
-    anything is modified. Sequential pruning needs every target inside a decoder block."""
+    anything is modified. Sequential pruning needs every target inside a decoder block, and with a quantization
+    ``scheme`` every target's width divisible by its group size."""
     blocks_name, blocks = find_decoder_blocks(model)
     selected = select_sparse_modules(model, targets, ignore)
     per_block = []
@@ -110,6 +120,8 @@ def plan(
     for name, module in selected.items():
         shape = tuple(out_in(module).shape)
         pattern.check_width(shape[1], name)
+        if scheme is not None:
+            scheme.check_width(shape[1], name)
         for method_options in options:
             method_options.check_layer(shape, name)
     return Plan(blocks=blocks, targets=per_block)
@@ -216,20 +228,45 @@ def reconstruction_error(x: torch.Tensor, dense: torch.Tensor, pruned: torch.Ten
     return float((x @ (dense - pruned).t()).square().sum() / reference.clamp_min(torch.finfo(torch.float32).tiny))
 
 
-def _prune_target(target: _Target, pruner: Pruner, device: torch.device) -> tuple[LayerReport, nn.Module | None]:
-    """Prune one target in place; returns its report and, when the result carries a recover matrix, its new module."""
+def _without_data(dense: torch.Tensor, pattern: SparsityPattern, scheme: QuantScheme | None) -> PruneResult:
+    """The data-free fallback for a target no calibration token reached: magnitude pruning, round to nearest."""
+    weight, keep = magnitude_prune(dense, pattern)
+    if scheme is None:
+        return PruneResult(weight, keep)
+    quantized, scale, zero = quantize_layer(weight, keep, scheme)
+    return PruneResult(quantized, keep, grid=(scale, zero))
+
+
+def _stored(result: PruneResult, scheme: QuantScheme | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as the layer will hold it: on a grid, its codes dequantized in ``dtype`` with the scale in
+    ``dtype`` (so the in-memory weight is exactly what a checkpoint reloads); pruned entries are +0.0."""
+    if result.grid is None:
+        return result.weight.to(dtype)
+    scale, zero = result.grid
+    return dequantize(quantize(result.weight, scale, zero, scheme), scale.to(dtype), zero, dtype)
+
+
+def _prune_target(
+    target: _Target, pruner: Pruner, device: torch.device, scheme: QuantScheme | None = None
+) -> tuple[LayerReport, nn.Module | None]:
+    """Prune (and with ``scheme`` quantize) one target in place; returns its report and, when the result carries a
+    recover matrix, its new module."""
     start = time.perf_counter()
     matrix = out_in(target.module)
     dense = matrix.detach().to(device=device, dtype=torch.float32)
     if pruner.needs_data and target.shared_stats is None:  # e.g. an MoE expert no calibration token reached
         logger.warning("%s received no calibration input; pruning it by magnitude instead.", target.name)
-        result = PruneResult(*magnitude_prune(dense, pruner.pattern))
+        result = _without_data(dense, pruner.pattern, scheme)
     else:
         result = pruner.prune_layer(target.name, dense, target.shared_stats)
+    stored = _stored(result, scheme, matrix.dtype)
     recover = result.extras.get("recover")
-    effective = result.weight if recover is None else result.weight + recover
+    effective = result.weight if result.grid is None else stored.float()  # the error covers the quantization
+    effective = effective if recover is None else effective + recover
     error = None if target.sample is None else reconstruction_error(target.sample, dense, effective)
-    matrix.copy_(result.weight.to(matrix.dtype))  # after the error: ``dense`` may share storage with the weight
+    matrix.copy_(stored)  # after the error: ``dense`` may share storage with the weight
+    if result.grid is not None:
+        set_grid(target.module, *result.grid)
     sparsity = float((matrix == 0).sum()) / matrix.numel()
     module = None if recover is None else RecoverLinear(target.module, recover, result.extras.get("recover_blocks"))
     extra = 0 if module is None else module.extra_nonzeros
@@ -238,16 +275,18 @@ def _prune_target(target: _Target, pruner: Pruner, device: torch.device) -> tupl
 
 
 def prune_block(
-    block: nn.Module, modules: dict[str, nn.Module], pruner: Pruner, batches: list[Batch] | None, device: torch.device
+    block: nn.Module, modules: dict[str, nn.Module], pruner: Pruner, batches: list[Batch] | None, device: torch.device,
+    scheme: QuantScheme | None = None,
 ) -> list[LayerReport]:
-    """Collect statistics for the block's targets (if there is data), then prune them all (swapping in modules)."""
+    """Collect statistics for the block's targets (if there is data), then prune (and quantize) them all (swapping
+    in modules)."""
     targets = [_Target(name, module) for name, module in modules.items()]
     if targets and batches is not None:
         _collect_statistics(block, targets, pruner, batches)
     local_names = {id(module): name for name, module in block.named_modules()}
     reports = []
     for target in targets:
-        report, replacement = _prune_target(target, pruner, device)
+        report, replacement = _prune_target(target, pruner, device, scheme)
         if replacement is not None:
             block.set_submodule(local_names[id(target.module)], replacement)
         reports.append(report)
@@ -287,19 +326,31 @@ def _batches_to(batches: list[Batch] | None, device: torch.device) -> list[Batch
     ]
 
 
+def with_quantizer(pruner: Pruner, config: SparsityConfig) -> Pruner:
+    """``pruner`` composed with the configured quantizer (unchanged without ``bits``)."""
+    name = config.resolved_quantizer
+    if name is None:
+        return pruner
+    return Quantized(pruner, get_quantizer(name)(config.quantizer_config, config.scheme))
+
+
 def build_pruner(config: SparsityConfig) -> Pruner:
-    """The configured pruner, composed with the configured refiner if any."""
+    """The configured pruner, composed with the configured refiner and quantizer if any."""
     pattern = config.sparsity_pattern
     pruner = get_pruner(config.method)(config.options, pattern)
-    if config.refine is None:
-        return pruner
-    return Refined(pruner, get_refiner(config.refine)(config.refiner_options, pattern))
+    if config.refine is not None:
+        pruner = Refined(pruner, get_refiner(config.refine)(config.refiner_options, pattern))
+    return with_quantizer(pruner, config)
 
 
-def run(model: nn.Module, config: SparsityConfig, plan: Plan, calibration: torch.Tensor | None) -> PruneReport:
-    """Prune ``model`` in place following ``plan``; ``calibration`` is ``(nsamples, seqlen)`` token ids or None."""
+def run(
+    model: nn.Module, config: SparsityConfig, plan: Plan, calibration: torch.Tensor | None,
+    pruner: Pruner | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place following ``plan``; ``calibration`` is ``(nsamples, seqlen)`` token ids or None.
+    ``pruner`` replaces the configured one (``peft_sparse.quantize`` keeps an existing mask)."""
     pattern = config.sparsity_pattern
-    pruner = build_pruner(config)
+    pruner = build_pruner(config) if pruner is None else pruner
     report = PruneReport(method=pruner.name, pattern=str(pattern))
     start = time.perf_counter()
     offload = torch.cuda.is_available() and all(p.device.type == "cpu" for p in model.parameters())
@@ -311,7 +362,7 @@ def run(model: nn.Module, config: SparsityConfig, plan: Plan, calibration: torch
             for index, block in enumerate(tqdm(plan.blocks, desc=f"{pruner.name} {pattern}", unit="block")):
                 with _visiting(block, offload) as device:
                     batches = _batches_to(batches, device)
-                    report.layers += prune_block(block, plan.targets[index], pruner, batches, device)
+                    report.layers += prune_block(block, plan.targets[index], pruner, batches, device, config.scheme)
                     if batches is not None and index + 1 < len(plan.blocks):
                         batches = forward_block(block, batches)  # pass 2: the pruned block feeds the next
     finally:

@@ -11,6 +11,11 @@ columns is fixed (a group of M for N:M, the whole block for unstructured) the se
 columns is, per row r, the triangular system ``E_r A_r = w_r * p_r`` with ``A_r = U * (p_r p_r^T) + diag(1 - p_r)``
 (``U`` the run's block of ``Hinv``, ``p_r`` the pruned indicator). We take the columns in chunks of up to 8, invert
 the 2^k possible systems of a chunk once, and solve every row with one gathered batched product.
+
+With a quantization grid (``bits``) the same Hessian code runs the GPTQ sweep instead (:func:`quantize_with_inverse`):
+rounding is not linear in ``w``, so the subset-inverse trick does not apply and the columns go one at a time.
+``joint`` (SparseGPT's sparsify+quantize, the masks chosen in the sweep) and ``gptq`` (an already-sparse weight, the
+mask fixed) are that one sweep; both quantizers are registered here, next to the Hessian they use.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..quantization.grid import QuantScheme, fake_quantize, fit_scales
+from ..quantization.methods import Quantizer
 from ..sparsity import SparsityPattern, nm_mask, unstructured_mask
 from .base import Pruner, PruneResult, RunningMean, sequences_and_rows
-from .registry import PrunerOptions, register_pruner
+from .registry import PrunerOptions, register_pruner, register_quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +196,93 @@ def sparsegpt_prune(
     return prune_with_inverse(weight, *prepare_hessian(hessian, percdamp), pattern, blocksize)
 
 
+def _sweep_bounds(columns: int, blocksize: int, width: int) -> list[int]:
+    """Block boundaries of the quantized sweep: every ``blocksize`` columns and at every group start.
+
+    At a block start every later column has received all earlier errors (the lazy update is flushed), so a group
+    that starts there fits its mask and scales on fully updated weights, whatever ``blocksize`` and the group width.
+    """
+    return sorted(set(range(0, columns, blocksize)) | set(range(0, columns, width)) | {columns})
+
+
+def _quantize_block(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor,
+                    zero: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
+    """The GPTQ recursion over one block ``w`` (rows, B) of a single group, in place; returns the errors.
+
+    Column j's target is its kept value rounded onto the group's grid (0 where pruned); the error
+    ``(w_j - t_j) / U_jj`` is spread over the later columns: rank-1 inside a chunk of ``_CHUNK`` columns, one
+    ``addmm`` for the rest of the block (the same arithmetic as the reference's per-column ``W1[:, i:]`` update,
+    in cache-sized pieces).
+    """
+    errors = torch.empty_like(w)
+    for c1 in range(0, w.shape[1], _CHUNK):
+        c2 = min(c1 + _CHUNK, w.shape[1])
+        for j in range(c1, c2):
+            column = w[:, j : j + 1]
+            target = fake_quantize(column, keep[:, j : j + 1], scale, zero, scheme)
+            errors[:, j : j + 1] = (column - target) / u[j, j]
+            w[:, j + 1 : c2].addmm_(errors[:, j : j + 1], u[j : j + 1, j + 1 : c2], alpha=-1)
+            column.copy_(target)
+        w[:, c2:].addmm_(errors[:, c1:c2], u[c1:c2, c2:], alpha=-1)
+    return errors
+
+
+def quantize_with_inverse(
+    weight: torch.Tensor, hinv: torch.Tensor, dead: torch.Tensor, scheme: QuantScheme,
+    keep: torch.Tensor | None = None, pattern: SparsityPattern | None = None, blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The OBS/GPTQ sweep onto ``scheme``'s grid: ``(weight on the grid, keep, scale, zero)`` of an (out, in) weight.
+
+    * ``keep`` given (``gptq`` on an already-sparse weight): the mask is fixed, pruned columns are forced to 0;
+    * ``pattern`` given (``joint``): at each group start the group's mask is chosen from ``w^2 / U_jj^2`` on the
+      updated weights (N:M per M columns, or the group's lowest scores for unstructured), as the design note's
+      joint sweep does. Without bits SparseGPT chooses an N:M mask at each M-group start instead
+      (:func:`prune_with_inverse`, unchanged); the grid's scale needs the whole group's kept values up front.
+
+    Scales are fitted per group of G dense columns on the **updated** kept weights at the group's start, the group
+    then swept column by column (Babai's nearest plane: ``t_j = Q(w_j)``, ``e_j = (w_j - t_j) / U_jj``), the
+    errors propagated as in SparseGPT (lazy blocks). The references differ: IST-DASLab/sparsegpt ``--wbits`` fits
+    one per-channel asymmetric grid on the dense weight before pruning, so pruned weights shape the range;
+    IST-DASLab/gptq ``--groupsize`` refits at group start from ``W`` (missing the in-block updates of a group
+    starting mid-block) and ``--static-groups`` fits every group up front on the original weights. Ours fits on
+    what is actually quantized: the updated kept values.
+    """
+    if (keep is None) == (pattern is None):
+        raise ValueError("Give exactly one of keep (a fixed mask) or pattern (masks chosen in the sweep).")
+    w = weight.float().clone()
+    w[:, dead] = 0
+    rows, columns = w.shape
+    width = scheme.group_width(columns)
+    keep = torch.zeros_like(w, dtype=torch.bool) if keep is None else keep.clone()
+    scale = w.new_empty(rows, columns // width)
+    zero = None if scheme.symmetric else torch.empty_like(scale)
+    saliency_scale = hinv.diagonal().square()
+    bounds = _sweep_bounds(columns, blocksize, width)
+    for i1, i2 in zip(bounds[:-1], bounds[1:]):
+        g = i1 // width
+        if i1 % width == 0:
+            group = slice(i1, i1 + width)
+            if pattern is not None:
+                scores = w[:, group].square() / saliency_scale[group]
+                keep[:, group] = (nm_mask(scores, pattern.n, pattern.m) if pattern.is_nm
+                                  else unstructured_mask(scores, pattern.sparsity, scope="layer"))
+            fitted_scale, fitted_zero = fit_scales(w[:, group], keep[:, group], scheme)
+            scale[:, g : g + 1] = fitted_scale
+            if zero is not None:
+                zero[:, g : g + 1] = fitted_zero
+        errors = _quantize_block(w[:, i1:i2], hinv[i1:i2, i1:i2], keep[:, i1:i2], scale[:, g : g + 1],
+                                 None if zero is None else zero[:, g : g + 1], scheme)
+        w[:, i2:].addmm_(errors, hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the later columns
+    return w, keep, scale, zero
+
+
+def _prepared(stats: HessianStats, device: torch.device, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse factor of the (shared) statistics, computed once for all layers fed the same input."""
+    if stats.prepared is None:
+        stats.prepared = prepare_hessian(stats.value.to(device), percdamp)
+    return stats.prepared
+
+
 @register_pruner("sparsegpt")
 class SparseGPTPruner(Pruner):
     Options = SparseGPTOptions
@@ -199,6 +294,45 @@ class SparseGPTPruner(Pruner):
         accumulate_hessian(stats, inp)
 
     def prune(self, weight: torch.Tensor, stats: HessianStats) -> PruneResult:
-        if stats.prepared is None:
-            stats.prepared = prepare_hessian(stats.value.to(weight.device), self.options.percdamp)
-        return PruneResult(*prune_with_inverse(weight, *stats.prepared, self.pattern, self.options.blocksize))
+        prepared = _prepared(stats, weight.device, self.options.percdamp)
+        return PruneResult(*prune_with_inverse(weight, *prepared, self.pattern, self.options.blocksize))
+
+    def prune_quantized(self, weight: torch.Tensor, stats: HessianStats, scheme: QuantScheme) -> PruneResult:
+        """Joint sparsify+quantize in the one sweep (:func:`quantize_with_inverse` with the masks chosen in it)."""
+        prepared = _prepared(stats, weight.device, self.options.percdamp)
+        w, keep, scale, zero = quantize_with_inverse(weight, *prepared, scheme, pattern=self.pattern,
+                                                     blocksize=self.options.blocksize)
+        return PruneResult(w, keep, grid=(scale, zero))
+
+
+@register_quantizer("gptq")
+class GPTQQuantizer(Quantizer):
+    """GPTQ (Frantar et al., 2023) of an already-pruned weight: the mask fixed, static contiguous groups (no
+    act-order: it would scatter each M-group over the sweep), the options of SparseGPT's sweep."""
+
+    Options = SparseGPTOptions
+
+    def new_stats(self, in_features: int, device: torch.device) -> HessianStats:
+        return HessianStats(torch.zeros(in_features, in_features, device=device))
+
+    def accumulate(self, stats: HessianStats, inp: torch.Tensor) -> None:
+        accumulate_hessian(stats, inp)
+
+    def quantize(self, weight: torch.Tensor, keep: torch.Tensor, stats: HessianStats
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        prepared = _prepared(stats, weight.device, self.options.percdamp)
+        w, _, scale, zero = quantize_with_inverse(weight, *prepared, self.scheme, keep=keep,
+                                                  blocksize=self.options.blocksize)
+        return w, scale, zero
+
+
+@register_quantizer("joint")
+class JointQuantizer(Quantizer):
+    """SparseGPT's joint mode: the pruner's own sweep quantizes as it prunes, on the pruner's Hessian (no
+    statistics of its own). Only with ``method="sparsegpt"`` and no refiner (checked by the config)."""
+
+    def prune_and_quantize(self, pruner: Pruner, name: str, weight: torch.Tensor, pruner_stats: Any, stats: Any
+                           ) -> PruneResult:
+        if not isinstance(pruner, SparseGPTPruner):
+            raise ValueError(f"quantizer='joint' needs method='sparsegpt', not {pruner.name!r}.")
+        return pruner.prune_quantized(weight, pruner_stats, self.scheme)
