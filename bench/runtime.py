@@ -8,7 +8,8 @@ sparsity's share (none: the kernel is dense int4) and the quantization's share a
 
 Every row runs in a fresh process with ``--threads`` torch threads (1 and 2 by default):
 
-* **resident MiB**: process RSS after loading minus RSS before (imports done);
+* **resident MiB**: process RSS after loading and one forward minus RSS before loading (imports done): transformers
+  memory-maps a dense checkpoint, whose weights become resident when the forward reads them;
 * **linears MiB**: bytes the decoder linears hold in memory (weights + scales; floats or int codes);
 * **load s**: ``from_pretrained`` alone; **ttft s**: load plus one 512-token prefill (time to first token);
 * **prefill tok/s**: 512 WikiText-2 tokens in one forward; **decode tok/s**: 128 greedy new tokens after a 32-token
@@ -67,15 +68,15 @@ if args.get("dense_int4"):  # the same int4 kernel on the unpruned weights
     to_kernels(model, scheme)
 if args.get("dequantize"):
     model.dequantize()
-resident = rss() - before
 linears = sum(t.numel() * t.element_size() for name, m in model.named_modules()
               if ".layers." in name and (isinstance(m, (torch.nn.Linear, IntLinear)))
               for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)) if t is not None)
 kernels = sum(isinstance(m, IntLinear) for m in model.modules())
 with torch.no_grad():
     start = time.perf_counter()
-    model(ids[:, :512])
+    model(ids[:, :512], logits_to_keep=1)  # what generate() computes for the first token
     prefill = time.perf_counter() - start
+    resident = rss() - before  # after a forward: a memory-mapped checkpoint is resident only once its weights are read
     prompt = ids[:, :32]
     model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
     head = [0.0]
