@@ -57,6 +57,9 @@ class SparsityConfig(QuantizationConfigMixin):
             the default with ``method="sparsegpt"``), ``"gptq"``, ``"awq"`` or ``"rtn"`` (after pruning; ``"rtn"``
             is the default of the other methods).
         quantizer_options: options of the quantizer, e.g. ``{"percdamp": 0.01}`` for GPTQ.
+        run_compressed: when a quantized checkpoint loads, run its layers on torch's CPU int4 / int8 kernels (the
+            default; layers the kernels cannot take stay dequantized floats) or, ``False``, load dequantized floats
+            everywhere: ``from_pretrained(path, quantization_config=SparsityConfig(run_compressed=False))``.
         format: how ``peft_sparse.save_pretrained`` writes it: ``"packed"`` (values + positions, N:M only),
             ``"dense"`` (exact zeros) or ``"compressed-tensors"`` (symmetric quantized models, dense int codes);
             ``None`` = packed for N:M, dense for unstructured.
@@ -84,6 +87,7 @@ class SparsityConfig(QuantizationConfigMixin):
     symmetric: bool = True
     quantizer: str | None = None
     quantizer_options: dict[str, Any] = field(default_factory=dict)
+    run_compressed: bool = True
     format: str | None = None
     codec: str | None = None
     modules: list[str] | None = None
@@ -122,6 +126,8 @@ class SparsityConfig(QuantizationConfigMixin):
                 raise ValueError("codec applies to the packed N:M format; leave it None for unstructured sparsity.")
             check_codec(self.codec, pattern.n, pattern.m)
         self.scheme  # noqa: B018  (validates bits, group_size, symmetric)
+        if not isinstance(self.run_compressed, bool):
+            raise ValueError(f"run_compressed must be True or False, got {self.run_compressed!r}.")
         if isinstance(self.format_version, bool) or not isinstance(self.format_version, int) or self.format_version < 1:
             raise ValueError(f"format_version must be a positive integer, got {self.format_version!r}.")
         if self.format_version > FORMAT_VERSION:
@@ -216,6 +222,10 @@ class SparsityConfig(QuantizationConfigMixin):
         """The oldest packed layout that holds this config: v2 for quantized values or the rank codec, else v1 (so
         a peft_sparse that reads v1 only still loads it)."""
         return 2 if self.bits is not None or self.resolved_codec == "rank" else 1
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """What ``from_pretrained(quantization_config=SparsityConfig(...))`` may change in a checkpoint's config."""
+        return {"run_compressed": self.run_compressed}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

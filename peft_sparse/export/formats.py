@@ -31,6 +31,7 @@ from ..config import SparsityConfig
 from ..io import atomic_directory, check_output_dir, write_json
 from ..modeling import out_in, select_sparse_modules
 from ..nn import RecoverLinear, plain_layer
+from ..quantization.kernels import IntLinear, layer_shape
 from ..quantization.packed import check_grid
 from ..quantization.state import grid_of
 from ..sparsity.packing import information_limit_nbytes
@@ -100,8 +101,9 @@ def resolve_for_save(model: nn.Module, config: SparsityConfig, format: str) -> S
         recovered = {f"{name}.base" for name, module in model.named_modules() if isinstance(module, RecoverLinear)}
         resolved.modules = [name.removesuffix(".base") if name in recovered else name  # WRP: the wrapper's name
                             for name in select_sparse_modules(model, config.targets, config.ignore)]
-    missing = [name for name in resolved.modules
-               if not isinstance(getattr(plain_layer(model.get_submodule(name)), "weight", None), nn.Parameter)]
+    layers = {name: plain_layer(model.get_submodule(name)) for name in resolved.modules}
+    missing = [name for name, layer in layers.items()  # an int kernel layer holds its weight as a buffer
+               if not isinstance(layer, IntLinear) and not isinstance(getattr(layer, "weight", None), nn.Parameter)]
     if missing:
         raise ValueError(f"Sparse modules {missing[:3]} of the config have no weight in this model; is it the "
                          "model the config was made for?")
@@ -121,7 +123,7 @@ def _check_grids(model: nn.Module, config: SparsityConfig) -> None:
         if (grid is None) != (scheme is None):
             raise ValueError(grid_mismatch(name, scheme))
         if grid is not None:
-            check_grid(*grid, out_in(layer).shape, scheme, name)
+            check_grid(*grid, layer_shape(layer), scheme, name)
 
 
 def _save_packed(model: nn.Module, directory: Path, config: SparsityConfig, kwargs: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ Registered with ``SparsityConfig`` under ``quant_method="peft_sparse"`` on ``imp
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any, ClassVar
 
@@ -29,6 +30,7 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps, _IdentityOp
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers import auto as quantizers_auto
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from ..config import QUANT_METHOD, SparsityConfig
@@ -37,11 +39,13 @@ from ..nn import RecoverLinear, plain_layer
 from ..pruning.magnitude import magnitude_prune
 from ..quantization import packed
 from ..quantization.grid import dequantize
+from ..quantization.kernels import IntLinear, dequantize_kernels, kernel_unsupported, kernel_weight, layer_shape
 from ..quantization.state import SCALE, ZERO_POINT, grid_of
 from ..sparsity import packing
 from .modules import SIDE_TENSORS, install_side_tensors, side_tensor_specs, wrap_recovered
 
 META_SUFFIX = "_meta"
+logger = logging.getLogger(__name__)
 
 
 def _parent(model: nn.Module, param_name: str) -> nn.Module:
@@ -73,7 +77,8 @@ class Unpack(_QuantizerOp):
         config = self.hf_quantizer.quantization_config
         pattern = config.sparsity_pattern
         module = _parent(model, full_layer_name)
-        meta, in_features = _single(input_dict["weight" + META_SUFFIX]), out_in(module).shape[1]
+        meta = _single(input_dict["weight" + META_SUFFIX])
+        in_features = layer_shape(module)[1]
         if config.scheme is None:
             stored = packing.unpack(weight, meta, in_features, pattern.n, pattern.m, config.resolved_codec,
                                     transpose=isinstance(module, Conv1D))
@@ -83,6 +88,8 @@ class Unpack(_QuantizerOp):
         zero = _single(input_dict[ZERO_POINT]) if ZERO_POINT in input_dict else None
         layer = packed.decode_layer(weight, meta, _single(input_dict[SCALE]), zero, in_features, pattern.n,
                                     pattern.m, config.resolved_codec, config.scheme)
+        if isinstance(module, IntLinear):  # the codes go straight into the kernel's int layout, never through floats
+            return {"weight": kernel_weight(layer.codes, config.scheme.bits), SCALE: layer.scale}
         weight = to_storage(module, dequantize(layer.codes, layer.scale, layer.zero, layer.scale.dtype))
         return {"weight": weight.contiguous(), SCALE: layer.scale, **({} if zero is None else {ZERO_POINT: zero})}
 
@@ -151,6 +158,18 @@ def format_metadata(config: SparsityConfig) -> dict[str, str]:
     return {"peft_sparse_format": layout + ("" if scheme is None else f" {scheme}")}
 
 
+def _load_device(device_map: Any) -> torch.device:
+    """Where ``from_pretrained``'s ``device_map`` puts the weights: the first place that is not the CPU or disk."""
+    places = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
+    for place in places:
+        if place is None or str(place) in ("cpu", "disk", "meta"):
+            continue
+        if str(place) in ("auto", "balanced", "balanced_low_0", "sequential"):
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(place)
+    return torch.device("cpu")
+
+
 def _single(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, (list, tuple)) else value
 
@@ -164,6 +183,7 @@ class SparsityHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self._targets: set[str] = set(quantization_config.modules or ())
         self._model: weakref.ReferenceType | None = None
+        self._float_dtype: torch.dtype | None = None  # the model's, set before loading
 
     # ---- loading ----
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -192,6 +212,7 @@ class SparsityHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> nn.Module:
         config = self.quantization_config
+        self._float_dtype = model.dtype
         if not self.pre_quantized:
             selected = select_sparse_modules(model, config.targets, config.ignore)
             for name, module in selected.items():
@@ -200,16 +221,39 @@ class SparsityHfQuantizer(HfQuantizer):
             config.modules = list(selected)
             config.format, config.codec = "packed", config.resolved_codec
             config.format_version = config.layout_version
-        install_side_tensors(model, side_tensor_specs(checkpoint_files or []), device="meta")
+        specs = side_tensor_specs(checkpoint_files or [])
+        install_side_tensors(model, specs, device="meta")
         if self.pre_quantized and config.scheme is not None:
+            if config.run_compressed:
+                self._install_kernels(model, {key.rpartition(".")[0] for key in specs}, kwargs.get("device_map"))
             self._install_grid_buffers(model)
         return model
+
+    def _install_kernels(self, model: nn.Module, with_side_tensors: set[str], device_map: Any) -> None:
+        """Swap each quantized layer the CPU int kernels can run for an empty :class:`IntLinear`; log, once, which
+        stay dequantized float layers and why."""
+        scheme, device = self.quantization_config.scheme, _load_device(device_map)
+        left: dict[str, list[str]] = {}
+        for name in sorted(self._targets):
+            layer = model.get_submodule(name)
+            reason = ("it carries a SLoRB / WRP side tensor" if name in with_side_tensors
+                      else kernel_unsupported(layer, scheme, device))
+            if reason is None:
+                model.set_submodule(name, IntLinear(layer.in_features, layer.out_features, scheme,
+                                                    layer.bias is not None, layer.weight.dtype, device="meta"))
+            else:
+                left.setdefault(reason, []).append(name)
+        for reason, names in left.items():
+            logger.warning("peft_sparse: %d quantized layers (e.g. %s) load as dequantized float weights: %s.",
+                           len(names), names[0], reason)
 
     def _install_grid_buffers(self, model: nn.Module) -> None:
         """Empty ``weight_scale`` (and ``weight_zero_point``) buffers on each quantized module, filled by ``Unpack``."""
         scheme = self.quantization_config.scheme
         for name in self._targets:
             layer = model.get_submodule(name)
+            if isinstance(layer, IntLinear):  # has its own
+                continue
             out_features, in_features = out_in(layer).shape
             scheme.check_width(in_features, name)
             shape = (out_features, in_features // scheme.group_width(in_features))
@@ -228,12 +272,16 @@ class SparsityHfQuantizer(HfQuantizer):
         return {"deserialize": Unpack, "dequantize": Unpack}
 
     def get_new_dtype(self, converter: Any, param: Any, dtype: torch.dtype | None) -> torch.dtype | None:
-        """Cast float tensors (packed values included) to the model's dtype; never the uint8 metadata."""
+        """Cast float tensors (packed values, scales) to the model's dtype, never integer codes and metadata. (The
+        loader offers the target parameter's dtype, which is an integer one for an :class:`IntLinear`'s weight.)"""
         get_dtype = getattr(param, "get_dtype", None)
         is_float = get_dtype().startswith(("F", "BF")) if get_dtype else param.is_floating_point()
-        return dtype if is_float else None
+        return (self._float_dtype or dtype) if is_float else None
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        for module in model.modules():
+            if isinstance(module, IntLinear):
+                module.ready()
         wrap_recovered(model)
         self._model = weakref.ref(model)
         return model
@@ -266,7 +314,10 @@ class SparsityHfQuantizer(HfQuantizer):
         return False
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        return model  # the weights are already dense in memory; dequantize() only drops the quantization_config
+        """Int kernel layers become float layers with the same values (and their grid); then transformers drops the
+        quantization_config."""
+        dequantize_kernels(model)
+        return model
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Mark an in-memory sparse ``model`` so ``save_pretrained`` writes this quantizer's packed format."""
@@ -290,6 +341,10 @@ def register() -> None:
         else:
             raise ValueError(f"quant_method {QUANT_METHOD!r} is already registered by {current.__module__}."
                              f"{current.__qualname__}; two packages claim the same name.")
+    # so that from_pretrained(..., quantization_config=SparsityConfig(run_compressed=False)) overrides that loading
+    # attribute of the checkpoint's config, as it does for GPTQ, AWQ or compressed-tensors configs
+    if SparsityConfig not in quantizers_auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
+        quantizers_auto.LOADING_ATTRIBUTES_CONFIG_TYPES += (SparsityConfig,)
 
 
 __all__ = ["SIDE_TENSORS", "SparsityHfQuantizer", "register"]

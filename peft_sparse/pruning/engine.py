@@ -322,7 +322,7 @@ def _prune_target(
     error = None if target.sample is None else reconstruction_error(target.sample, dense, effective)
     matrix.copy_(stored)  # after the error: ``dense`` may share storage with the weight
     if result.grid is not None:
-        set_grid(target.module, *result.grid)
+        set_grid(target.module, result.weight, *result.grid, scheme)
     sparsity = float((matrix == 0).sum()) / matrix.numel()
     module = None if recover is None else RecoverLinear(target.module, recover, result.extras.get("recover_blocks"))
     extra = 0 if module is None else module.extra_nonzeros

@@ -38,6 +38,7 @@ from ..config import SparsityConfig
 from ..errors import InputNotFoundError, SparseConfigError, SparseStateError
 from ..export.formats import detach_quantizer, save_pretrained
 from ..modeling import out_in, select_sparse_modules
+from ..quantization.kernels import refuse_kernels
 from ..sparsity import nm_violations
 from .config import SparseArgumentsMixin
 from .layers import attach_sparse_layers, finalize_sparse_layers, mask_state_dict
@@ -100,6 +101,7 @@ class SparseTrainingMixin:
     def __init__(self, model: nn.Module | None = None, args: SparseArgumentsMixin | None = None, *,
                  teacher: nn.Module | str | None = None, **kwargs):
         _check_inputs(type(self).__name__, model, args, teacher, kwargs)
+        refuse_kernels(model, type(self).__name__)
         detach_quantizer(model)  # a packed-loaded model trains as a plain one; finalize saves it packed again
         self.teacher = _prepare_teacher(teacher, model, args)
         self.sparse_layers = _attach_sparse_layers(model, args, self.teacher)

@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_a
 from torch import nn
 
 from ..modeling import check_sparse_layer
+from ..quantization.kernels import refuse_kernels
 
 
 class AdapterLinearMixin:
@@ -63,6 +64,7 @@ class ReplacingTuner(BaseTuner):
 
     def check_target(self, config, key: str, base_layer: nn.Module) -> None:
         """Raise, naming ``key`` and the fix, if ``config`` cannot adapt ``base_layer``."""
+        refuse_kernels(base_layer, self.method_name, key)
         try:
             check_sparse_layer(base_layer, self.method_name)
         except TypeError as error:
