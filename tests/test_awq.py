@@ -128,7 +128,7 @@ def test_awq_matches_the_literal_grid_search(kv_heads):
 
     prune(slow, SparsityConfig(method="magnitude", pattern="2:4", targets=[r"layers\.0\."]))
     _, blocks = find_decoder_blocks(slow)
-    batches = capture_inputs(slow, blocks[0], _ids())
+    batches = capture_inputs(slow, blocks, _ids())
     pairs = PAIRS if kv_heads == 4 else [p for p in PAIRS if p[0] != "self_attn.v_proj"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(__import__(__name__), "PAIRS", pairs)

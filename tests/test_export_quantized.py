@@ -110,6 +110,13 @@ def test_decode_refuses_tensors_that_do_not_fit():
 
 # ---- from_pretrained restores the in-memory quantized model ----
 
+def _load_floats(path, **kwargs):
+    """The v2 reload as dequantized float layers (the in-memory representation); the kernel load has its own tests
+    (test_quant_kernels.py)."""
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=SparsityConfig(run_compressed=False),
+                                                **kwargs)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_round_trip_bit_identical(tmp_path, scheme, dtype):
@@ -130,7 +137,7 @@ def test_quantized_round_trip_bit_identical(tmp_path, scheme, dtype):
     assert (f"{name}.weight_zero_point" in keys) != scheme.symmetric
     assert "lm_head.weight" not in keys
     for sub in ("p", "s"):
-        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / sub)
+        loaded = _load_floats(tmp_path / sub)
         assert loaded.dtype == dtype and _same_state(loaded, model)  # weights, scales and zero points bit-equal
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
         layer = loaded.get_submodule(name)
@@ -138,7 +145,7 @@ def test_quantized_round_trip_bit_identical(tmp_path, scheme, dtype):
         assert torch.equal(loaded(IDS).logits, model(IDS).logits)
     loaded.save_pretrained(tmp_path / "re")  # a loaded model re-saves to the same tensors
     assert _keys(tmp_path / "re") == keys
-    assert _same_state(AutoModelForCausalLM.from_pretrained(tmp_path / "re"), model)
+    assert _same_state(_load_floats(tmp_path / "re"), model)
 
 
 @pytest.mark.parametrize("pattern", ["1:2", "4:8", "8:16", "16:32"])
@@ -150,7 +157,7 @@ def test_other_patterns_round_trip_with_their_codec(tmp_path, pattern):
     assert saved["codec"] == packing.default_codec(n, m) == ("bitmask" if m == 32 else "rank")
     assert _keys(tmp_path / "p")["model.layers.0.mlp.down_proj.weight_meta"][0] == packing.meta_shape(
         64, 128, n, m, saved["codec"])
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    loaded = _load_floats(tmp_path / "p")
     assert _same_state(loaded, model) and follows_nm(loaded.model.layers[1].mlp.up_proj.weight, n, m)
 
 
@@ -158,7 +165,7 @@ def test_gpt2_conv1d_quantized_round_trip(tmp_path):
     model, config = _quantized("gpt2", torch.float32, QuantScheme(4, 32, symmetric=False))
     save_pretrained(model, tmp_path / "p", config=config)
     assert _keys(tmp_path / "p")["transformer.h.0.attn.c_attn.weight_scale"][0] == (192, 2)  # (out, in/G)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    loaded = _load_floats(tmp_path / "p")
     assert _same_state(loaded, model) and torch.equal(loaded(IDS).logits, model(IDS).logits)
 
 
@@ -169,11 +176,11 @@ def test_minus_zero_comes_back_plus_zero_and_stays(tmp_path):
         layer.weight[layer.weight == 0] = -0.0
     assert bool(torch.signbit(layer.weight[layer.weight == 0]).all())
     save_pretrained(model, tmp_path / "p", config=config)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    loaded = _load_floats(tmp_path / "p")
     back = loaded.model.layers[0].mlp.down_proj.weight
     assert torch.equal(_bits(back), _bits(layer.weight + 0.0)) and not bool(torch.signbit(back[back == 0]).any())
     loaded.save_pretrained(tmp_path / "re")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "re").model.layers[0].mlp.down_proj.weight
+    again = _load_floats(tmp_path / "re").model.layers[0].mlp.down_proj.weight
     assert torch.equal(_bits(again), _bits(back))
 
 
@@ -190,7 +197,7 @@ def test_wrp_recover_tensors_beside_quantized_weights(tmp_path, arch):
     keys = _keys(tmp_path / "p")
     assert f"{wrapped[0]}.weight_scale" in keys and f"{wrapped[0]}.recover_val" in keys
     assert not any(".base." in key for key in keys)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    loaded = _load_floats(tmp_path / "p")
     assert all(isinstance(loaded.get_submodule(name), RecoverLinear) for name in wrapped)
     assert _same_state(loaded, model) and torch.equal(loaded(IDS).logits, model(IDS).logits)
 
@@ -203,7 +210,7 @@ def test_slorb_side_tensors_beside_quantized_weights(tmp_path):
     add_slorb_side(model.get_submodule(name), torch.randn(64, 8, generator=torch.Generator().manual_seed(0)))
     save_pretrained(model, tmp_path / "p", config=config)
     assert _keys(tmp_path / "p")[f"{name}.slorb_S"][0] == (64, 8)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    loaded = _load_floats(tmp_path / "p")
     assert _same_state(loaded, model) and torch.equal(loaded(IDS).logits, model(IDS).logits)
 
 
@@ -213,7 +220,7 @@ def test_unquantized_saves_stay_v1_and_load(tmp_path):
     save_pretrained(model, tmp_path / "p")
     saved = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]
     assert saved["format_version"] == 1 and saved["bits"] is None and saved["codec"] == "b6x3"
-    assert _same_state(AutoModelForCausalLM.from_pretrained(tmp_path / "p"), model)
+    assert _same_state(_load_floats(tmp_path / "p"), model)
 
 
 def test_quantized_save_refuses_before_writing(tmp_path):

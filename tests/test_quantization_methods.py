@@ -259,7 +259,7 @@ def test_pass_two_forwards_the_quantized_block(tiny_model_factory):
 
     _, blocks = find_decoder_blocks(expected)
     with torch.no_grad():
-        batches = capture_inputs(expected, blocks[0], ids)
+        batches = capture_inputs(expected, blocks, ids)
         for block in blocks:
             targets = {n: m for n, m in block.named_modules() if is_sparse_layer(m)}
             stats = {n: HessianStats(torch.zeros(out_in(m).shape[1], out_in(m).shape[1])) for n, m in targets.items()}

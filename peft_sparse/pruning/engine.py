@@ -45,9 +45,9 @@ from tqdm.auto import tqdm
 
 from ..modeling import find_decoder_blocks, out_in, select_sparse_modules
 from ..nn import RecoverLinear
-from ..quantization.grid import QuantScheme, dequantize, quantize, quantize_layer
+from ..quantization.grid import QuantScheme, quantize_layer
 from ..quantization.methods import Quantized
-from ..quantization.state import set_grid
+from ..quantization.state import record_grid, set_grid, stored_weight
 from ..sparsity import SparsityPattern
 from .base import Pruner, PruneResult, Refined
 from .magnitude import magnitude_prune
@@ -296,8 +296,7 @@ def _stored(result: PruneResult, scheme: QuantScheme | None, dtype: torch.dtype)
     ``dtype`` (so the in-memory weight is exactly what a checkpoint reloads); pruned entries are +0.0."""
     if result.grid is None:
         return result.weight.to(dtype)
-    scale, zero = result.grid
-    return dequantize(quantize(result.weight, scale, zero, scheme), scale.to(dtype), zero, dtype)
+    return stored_weight(result.weight, *result.grid, scheme, dtype)
 
 
 def _prune_target(
@@ -322,7 +321,7 @@ def _prune_target(
     error = None if target.sample is None else reconstruction_error(target.sample, dense, effective)
     matrix.copy_(stored)  # after the error: ``dense`` may share storage with the weight
     if result.grid is not None:
-        set_grid(target.module, result.weight, *result.grid, scheme)
+        record_grid(target.module, *result.grid)
     sparsity = float((matrix == 0).sum()) / matrix.numel()
     module = None if recover is None else RecoverLinear(target.module, recover, result.extras.get("recover_blocks"))
     extra = 0 if module is None else module.extra_nonzeros
@@ -359,9 +358,7 @@ def _quantize_block(block: nn.Module, targets: list[_Target], reports: list[Laye
     share = (time.perf_counter() - start) / len(targets)
     for target, report in zip(targets, reports):
         quantized, scale, zero, original = results[local_names[id(target.module)]]
-        matrix = out_in(target.module)
-        matrix.copy_(_stored(PruneResult(quantized, quantized != 0, grid=(scale, zero)), scheme, matrix.dtype))
-        set_grid(target.module, scale, zero)
+        set_grid(target.module, quantized, scale, zero, scheme)
         if target.sample is not None:
             report.error = reconstruction_error(target.sample, target.dense, original)
         report.seconds += share
