@@ -334,7 +334,7 @@ class CheckpointJob:
             metadata = format_metadata(self.resolved) if self.save_format == "packed" else {}
             writer = ShardWriter(staging, len(blocks) + len(rest), metadata)
             store = CheckpointBlocks(self.model, reader, writer, self.resolved, self.save_format, self.dtype)
-            report = engine.run(self.model, self.config, self.plan, self.calibration, store)
+            report = engine.run(self.model, self.config, self.plan, self.calibration, store=store)
             store.copy_rest(rest)
             _write_configs(self.model, staging, self.resolved, self.save_format)
             if self.tokenizer is not None:

@@ -20,6 +20,7 @@ from torch import nn
 from ..config import SparsityConfig
 from ..nn import RecoverLinear
 from ..quantization.grid import QuantScheme, codes_of, expand_groups
+from ..quantization.kernels import IntLinear, dequantize_kernels
 from ..quantization.state import SCALE, ZERO_POINT, grid_of
 from .modules import SIDE_TENSORS
 
@@ -61,7 +62,7 @@ def check_exportable(model: nn.Module, config: SparsityConfig) -> None:
         if any(leaf in module._buffers for leaf in SIDE_TENSORS):
             raise ValueError(f"{name} carries a SLoRB side weight, which compressed-tensors cannot hold; save with "
                              "format='packed'.")
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear and not isinstance(module, IntLinear):
             raise ValueError(f"{name} is a {type(module).__name__}; compressed-tensors quantizes nn.Linear layers "
                              "only (GPT-2's Conv1D stores the transpose). Save with format='packed'.")
     require_library()
@@ -81,6 +82,7 @@ def compressed_copy(model: nn.Module, config: SparsityConfig) -> tuple[nn.Module
 
     scheme = config.scheme
     export = copy.deepcopy(model)
+    dequantize_kernels(export)  # layers loaded onto the int kernels: their float form, same grid
     layers = {name: export.get_submodule(name) for name in config.modules}
     expected = {}
     for name, layer in layers.items():
