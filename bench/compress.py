@@ -3,13 +3,14 @@
 For each pattern of AST's Table 1 (1:2, 2:4, 4:8, 8:16, 16:32, 32:64, unstructured 50%) the model is pruned by
 magnitude and its kept values rounded to nearest (symmetric int4; the perplexities of better quantizers are the
 quantized table's business, here only the bytes matter, and they depend on the shapes, not on the values). N:M models
-are saved in the packed v2 format (codec: b6x3 for 2:4, rank for 1:2 / 4:8 / 8:16, bitmask for M >= 32); every model
-is also saved through compressed-tensors' pack-quantized (dense int4: the pruned weights are zero codes) when that
-library is installed; the unstructured model has no packed form.
+are saved in the packed v2 format (codec: b6x3 for 2:4, rank for 1:2 / 4:8 / 8:16, bitmask for M >= 32); 2:4 and the
+unstructured model are also saved through compressed-tensors' pack-quantized (dense int4: the pruned weights are zero
+codes, so its bytes do not depend on the pattern); the unstructured model has no packed form.
 
 Two models: SmolLM2-135M (``peft_sparse.smollm2()``) with one scale per 64 dense input columns (its hidden width 576
-is 4.5 x 128, so g128 cannot tile it), and a randomly initialised 2-block Llama of TinyLlama's widths (hidden 2048,
-MLP 5632) with g128, the issue's size target.
+is 4.5 x 128, so g128 cannot tile it), every pattern in fp32 and bf16; and a randomly initialised 1-block Llama of
+TinyLlama's widths (hidden 2048, MLP 5632) with g128, the issue's size target: 2:4 in fp32 and bf16, the other N:M
+patterns in fp32. The 2:4 packed checkpoints are reloaded and compared bit for bit.
 
 Columns, all measured on the saved files (``peft_sparse.export.linear_sizes``): bytes of the decoder linears (codes,
 positions, scales), their % of the fp32 dense linears, the same without the scales (the paper's Table 1 counts no
@@ -69,16 +70,35 @@ def _measure(directory: Path, seconds: float) -> dict:
 
 
 def _wide_llama() -> torch.nn.Module:
-    """A 2-block Llama with TinyLlama's widths and a small vocabulary, random weights (fp32)."""
+    """A 1-block Llama with TinyLlama's widths and a small vocabulary, random weights (fp32)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=256, hidden_size=2048, intermediate_size=5632, num_hidden_layers=1,
                          num_attention_heads=32, num_key_value_heads=4)
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def run(formats: tuple[str, ...]) -> dict:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _plan() -> list[tuple[str, object, int, dict[str, dict[str, tuple[str, ...]]]]]:
+    """(model name, builder, group size, {pattern: {dtype: formats}}). Every pattern packed in both dtypes on
+    SmolLM2; compressed-tensors (dense int4: its bytes do not depend on the pattern) for 2:4 and unstructured; the
+    wide model for the g128 targets, 2:4 in both dtypes and the other N:M patterns in float32."""
+    import peft_sparse
+
+    both = ("float32", "bfloat16")
+    smollm2 = {pattern: dict.fromkeys(both, ("packed",)) for pattern in PATTERNS[:-1]}
+    for pattern in ("2:4", "unstructured 50%"):
+        smollm2[pattern] = {dtype: (*smollm2.get(pattern, {}).get(dtype, ()), "compressed-tensors") for dtype in both}
+    wide = {pattern: {"float32": ("packed",)} for pattern in PATTERNS[:-1]}
+    wide["2:4"] = dict.fromkeys(both, ("packed",))
+    return [("SmolLM2-135M", lambda: peft_sparse.smollm2()[0], 64, smollm2),
+            ("Llama 2048/5632 x1 (random)", _wide_llama, 128, wide)]
+
+
+def run(only_packed: bool) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -88,28 +108,24 @@ def run(formats: tuple[str, ...]) -> dict:
     results = {"quantization": "magnitude pruning + RTN int4 symmetric", "torch": torch.__version__,
                "machine": platform.processor() or platform.machine(),
                "paper": "AST Table 1, % of fp32, Huffman-coded positions, no scales", "rows": []}
-    models = (("SmolLM2-135M", lambda: peft_sparse.smollm2()[0], 64),
-              ("Llama 2048/5632 x2 (random)", _wide_llama, 128))
     with tempfile.TemporaryDirectory() as scratch:
-        for model_name, build, group_size in models:
+        for model_name, build, group_size, patterns in _plan():
             base = build()
-            for pattern in PATTERNS:
+            for pattern, dtypes in patterns.items():
                 pruned = copy.deepcopy(base)
                 peft_sparse.prune(pruned, _sparsity_config(pattern))
-                for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-                    model = copy.deepcopy(pruned).to(dtype)
+                for dtype_name, formats in dtypes.items():
+                    model = copy.deepcopy(pruned).to(DTYPES[dtype_name])
                     config = _sparsity_config(pattern, bits=4, group_size=group_size)
                     quantize_rtn(model, config.scheme)
                     row = {"model": model_name, "group_size": group_size, "pattern": pattern, "dtype": dtype_name,
                            "paper_pct": PAPER_TABLE_1.get(pattern)}
-                    for fmt in formats:
-                        if fmt == "packed" and not config.sparsity_pattern.is_nm:
-                            continue
+                    for fmt in formats if not only_packed else [f for f in formats if f == "packed"]:
                         directory = Path(scratch) / "checkpoint"
                         start = time.perf_counter()
                         peft_sparse.save_pretrained(model, directory, fmt, config=config)
                         row[fmt] = _measure(directory, time.perf_counter() - start)
-                        if fmt == "packed":
+                        if fmt == "packed" and pattern == "2:4":
                             reloaded = AutoModelForCausalLM.from_pretrained(directory)
                             row[fmt]["reload_bit_equal"] = _same_state(reloaded, model)
                             del reloaded
@@ -138,10 +154,10 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", nargs="+", default=["packed", "compressed-tensors"])
+    parser.add_argument("--only-packed", action="store_true", help="skip the compressed-tensors saves")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "compress.json"))
     args = parser.parse_args()
-    results = run(tuple(args.formats))
+    results = run(args.only_packed)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

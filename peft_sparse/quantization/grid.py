@@ -139,6 +139,8 @@ def codes_of(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     found = quantize(weight.float(), scale_t.float(), zero, scheme)
     done = dequantize(found, scale_t, zero, weight.dtype) == weight
     for step in (-1, 1):
+        if bool(done.all()):
+            break
         candidate = (found + step).clamp_(scheme.qmin, scheme.qmax)
         take = ~done & (dequantize(candidate, scale_t, zero, weight.dtype) == weight)
         found = torch.where(take, candidate, found)

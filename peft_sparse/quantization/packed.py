@@ -73,10 +73,11 @@ def encode_layer(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
     """``(stored codes, meta)`` of an in-memory quantized N:M ``(out, in)`` weight (raises if it is off its grid or
     not N:M). The positions are the weight's, as the unquantized format stores them."""
     check_grid(scale, zero, weight.shape, scheme, name)
-    codes = codes_of(weight, scale, None if zero is None else zero.float(), scheme, name)
-    meta = packing.pack(weight, n, m, codec, name)[1]
-    keep = packing.unpack_mask(meta, weight.shape[1], n, m, codec)
-    return pack_codes(codes[keep].view(weight.shape[0], -1), scheme), meta
+    values, meta = packing.pack(weight, n, m, codec, name)
+    columns = packing.kept_positions(weight, n, m, name).nonzero()[:, 1].view(weight.shape[0], -1)
+    group = columns // scheme.group_width(weight.shape[1])  # each kept value's group: codes of the kept values only
+    zero = None if zero is None else zero.gather(1, group).float()
+    return pack_codes(codes_of(values, scale.gather(1, group), zero, scheme, name), scheme), meta
 
 
 def check_grid(scale: torch.Tensor, zero: torch.Tensor | None, shape: torch.Size | tuple[int, int],
