@@ -39,8 +39,8 @@ from bench.oneshot import DEFAULT_CALIBRATION, DEFAULT_EVAL, decoder_sparsity, m
 DEFAULT_OUT = ROOT / "bench" / "results" / "quantize.json"
 SPARSEGPT_24 = {"method": "sparsegpt", "pattern": "2:4"}
 DENSE = {"sparsity": 0.0}
-# AWQ's scale search runs the inspected modules 20 times per pair over these tokens: one calibration window here
-# (llm-awq searches on 128 x 512 tokens; this 2-core CPU allows one 512-token window per block in the time budget)
+# AWQ's scale search runs the inspected modules 20 times per pair over its tokens: here the first calibration batch
+# (2 windows, 1024 tokens; llm-awq searches on 128 x 512 tokens, more than this 2-core CPU allows per block)
 AWQ = {"quantizer": "awq", "quantizer_options": {"search_tokens": 512}}
 # name -> (how: dense / quantize / prune / reference, SparsityConfig keywords or the reference's CLI options)
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
