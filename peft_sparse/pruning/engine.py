@@ -240,13 +240,14 @@ def _without_data(dense: torch.Tensor, pattern: SparsityPattern, scheme: QuantSc
     return PruneResult(quantized, keep, grid=(scale, zero))
 
 
-def _stored(result: PruneResult, scheme: QuantScheme | None, dtype: torch.dtype) -> torch.Tensor:
-    """The weight as the layer will hold it: on a grid, its codes dequantized in ``dtype`` with the scale in
+def _stored(weight: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor | None] | None, scheme: QuantScheme | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 ``weight`` as the layer will hold it: on a grid, its codes dequantized in ``dtype`` with the scale in
     ``dtype`` (so the in-memory weight is exactly what a checkpoint reloads); pruned entries are +0.0."""
-    if result.grid is None:
-        return result.weight.to(dtype)
-    scale, zero = result.grid
-    return dequantize(quantize(result.weight, scale, zero, scheme), scale.to(dtype), zero, dtype)
+    if grid is None:
+        return weight.to(dtype)
+    scale, zero = grid
+    return dequantize(quantize(weight, scale, zero, scheme), scale.to(dtype), zero, dtype)
 
 
 def _prune_target(
@@ -264,7 +265,7 @@ def _prune_target(
         result = _without_data(dense, pruner.pattern, scheme)
     else:
         result = pruner.prune_layer(target.name, dense, target.shared_stats)
-    stored = _stored(result, scheme, matrix.dtype)
+    stored = _stored(result.weight, result.grid, scheme, matrix.dtype)
     recover = result.extras.get("recover")
     effective = result.weight if result.grid is None else stored.float()  # the error covers the quantization
     effective = effective if recover is None else effective + recover
@@ -309,7 +310,7 @@ def _quantize_block(block: nn.Module, targets: list[_Target], reports: list[Laye
     for target, report in zip(targets, reports):
         quantized, scale, zero, original = results[local_names[id(target.module)]]
         matrix = out_in(target.module)
-        matrix.copy_(_stored(PruneResult(quantized, quantized != 0, grid=(scale, zero)), scheme, matrix.dtype))
+        matrix.copy_(_stored(quantized, (scale, zero), scheme, matrix.dtype))
         set_grid(target.module, scale, zero)
         if target.sample is not None:
             report.error = reconstruction_error(target.sample, target.dense, original)
