@@ -39,8 +39,8 @@ from bench.oneshot import DEFAULT_CALIBRATION, DEFAULT_EVAL, decoder_sparsity, m
 DEFAULT_OUT = ROOT / "bench" / "results" / "quantize.json"
 SPARSEGPT_24 = {"method": "sparsegpt", "pattern": "2:4"}
 DENSE = {"sparsity": 0.0}
-# AWQ's scale search runs the inspected modules 20 times per pair over these tokens: one calibration window here
-# (llm-awq searches on 128 x 512 tokens; this 2-core CPU allows one 512-token window per block in the time budget)
+# AWQ's scale search runs the inspected modules 20 times per pair over its tokens: here the first calibration batch
+# (2 windows, 1024 tokens; llm-awq searches on 128 x 512 tokens, more than this 2-core CPU allows per block)
 AWQ = {"quantizer": "awq", "quantizer_options": {"search_tokens": 512}}
 # name -> (how: dense / quantize / prune / reference, SparsityConfig keywords or the reference's CLI options)
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -159,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sparsegpt-repo", type=Path, default=None, help="checkout of IST-DASLab/sparsegpt")
     parser.add_argument("--note", default="", help="machine conditions, stored beside the timings")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: combine the rows of these result files (parallel invocations) into --out")
     args = parser.parse_args(argv)
     if args.sparsegpt_repo is None:
         args.rows = [name for name in args.rows if ROWS[name][0] != "reference"]
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from peft_sparse.models import smollm2
 
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     _, tokenizer = smollm2()
     calibration = load_calibration(str(args.calibration), tokenizer, args.nsamples, args.seqlen, args.seed)
     run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -185,19 +189,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = {r["name"]: Row(**r) for r in previous.get("rows", [])}
     notes = previous.get("machine", {}).get("notes", {})
     notes[run] = args.note or f"load average at start {os.getloadavg()[0]:.1f} (2 shared CPU cores)"
+    protocol = dict(calibration=args.calibration.name, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                    eval_data=args.eval_data.name, eval_windows=args.eval_windows, group_size=args.group_size,
+                    symmetric=True)  # fmt: skip
     for name in args.rows:
         rows[name] = run_isolated_call(run_row, name, settings)
         print(f"{name}: ppl={rows[name].ppl:.3f} s={rows[name].seconds}", flush=True)
-        ordered = {n: rows[n] for n in ROWS if n in rows}
-        result = dict(protocol=dict(calibration=args.calibration.name, nsamples=args.nsamples, seqlen=args.seqlen,
-                                    seed=args.seed, eval_data=args.eval_data.name, eval_windows=args.eval_windows,
-                                    group_size=args.group_size, symmetric=True),
-                      machine=dict(threads=args.threads, torch=torch.__version__, python=platform.python_version(),
-                                   notes=notes),
-                      rows=[asdict(r) for r in ordered.values()], summary=summary(ordered))  # fmt: skip
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(ordered))
+        result = write(args.out, protocol, args.threads, notes, rows)
+    print(table({n: rows[n] for n in ROWS if n in rows}))
+    print(json.dumps(result["summary"], indent=2))
+    return result
+
+
+def write(out: Path, protocol: dict[str, Any], threads: int, notes: dict[str, str], rows: dict[str, Row]
+          ) -> dict[str, Any]:
+    """Write the rows (in table order) with their protocol, machine notes and done-when summary to ``out``."""
+    ordered = {n: rows[n] for n in ROWS if n in rows}
+    result = dict(protocol=protocol, machine=dict(threads=threads, torch=torch.__version__,
+                                                  python=platform.python_version(), notes=notes),
+                  rows=[asdict(r) for r in ordered.values()], summary=summary(ordered))  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """``--merge``: one result file from several invocations run side by side on the same protocol."""
+    parts = [json.loads(path.read_text()) for path in args.merge]
+    protocols = {json.dumps(part["protocol"], sort_keys=True) for part in parts}
+    if len(protocols) != 1:
+        raise SystemExit(f"--merge: the files were measured on different protocols: {sorted(protocols)}")
+    rows = {r["name"]: Row(**r) for part in parts for r in part["rows"]}
+    notes = {run: note for part in parts for run, note in part["machine"]["notes"].items()}
+    result = write(args.out, parts[0]["protocol"], parts[0]["machine"]["threads"], notes, rows)
+    print(table({n: rows[n] for n in ROWS if n in rows}))
     print(json.dumps(result["summary"], indent=2))
     return result
 

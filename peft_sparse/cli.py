@@ -28,7 +28,8 @@ from .data.sources import EMBEDDED, HUB_DATASETS, check_local_file, is_local_sou
 from .errors import InputNotFoundError, OutputExistsError, PeftSparseUserError, SparseConfigError
 from .export.formats import SIDE_FILE, get_format, resolve_for_save
 from .io import atomic_directory, check_output_dir, write_json
-from .pruning.registry import PRUNERS, REFINERS
+from .pruning.registry import PRUNERS, QUANTIZERS, REFINERS, get_quantizer
+from .quantization.grid import BITS
 from .sparsity.patterns import SCOPES
 
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
@@ -109,6 +110,8 @@ def _add_prune_parser(commands) -> None:
     parser.add_argument("--refine-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="refiner option, repeatable, e.g. --refine-option max_cycles=50 --refine-option eps=0.1 "
                         "--refine-option layers=all")
+    _add_quant_args(parser, QUANTIZERS, "--quant-method", "how the kept values are quantized with --bits (default: "
+                    "joint with sparsegpt, rtn otherwise)")
     parser.add_argument("--output", required=True, help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     _add_task_args(parser, "eval-")
@@ -123,6 +126,54 @@ def _add_prune_parser(commands) -> None:
                         "memory this process sees (cgroup limit, else available RAM)")
     _add_push_arg(parser)
     parser.set_defaults(handler=run_prune)
+
+
+def _add_quant_args(parser: argparse.ArgumentParser, methods, flag: str, help: str, bits_required: bool = False
+                    ) -> None:
+    parser.add_argument("--bits", type=int, choices=BITS, required=bits_required,
+                        help="quantize the kept values to 4 or 8 bit integers")
+    parser.add_argument("--group-size", type=int, default=_config_default("group_size"),
+                        help="dense input columns per scale (default %(default)s; -1: one scale per output channel)")
+    parser.add_argument("--asymmetric", action="store_true",
+                        help="an integer zero point per group (default: symmetric, zeros exact in every kernel)")
+    parser.add_argument(flag, dest="quant_method", choices=sorted(methods), required=bits_required, help=help)
+    parser.add_argument("--quant-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="quantizer option, repeatable, e.g. --quant-option percdamp=0.01 (gptq) or "
+                        "--quant-option search_tokens=4096 (awq)")
+
+
+def _quant_fields(args: argparse.Namespace) -> dict:
+    """The SparsityConfig fields of the quantization flags."""
+    return dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+                quantizer=args.quant_method, quantizer_options=dict(args.quant_option))
+
+
+def _add_quantize_parser(commands) -> None:
+    parser = commands.add_parser("quantize", help="quantize the kept values of an already-sparse model (its mask "
+                                 "kept) and save it")
+    _add_model_args(parser)
+    _add_quant_args(parser, sorted(set(QUANTIZERS) - {"joint"}), "--method", "quantization method", True)
+    parser.add_argument("--pattern", help="the N:M pattern the model has (default: from its sparsity config; checked "
+                        "on every layer)")
+    parser.add_argument("--sparsity", type=float, help="unstructured sparsity instead of --pattern (0 for dense)")
+    parser.add_argument("--calibration", default=EMBEDDED,
+                        help=f"'embedded' (default), {' or '.join(HUB_DATASETS)} (Hub), or a local .txt/.raw/.jsonl "
+                        "file (gptq, awq)")
+    parser.add_argument("--nsamples", type=_positive_int, default=_config_default("nsamples"),
+                        help="calibration windows (default %(default)s)")
+    parser.add_argument("--seqlen", type=_positive_int, default=_config_default("seqlen"),
+                        help="tokens per calibration window (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=_config_default("seed"),
+                        help="calibration sampling seed (default %(default)s)")
+    parser.add_argument("--targets", nargs="+", metavar="REGEX", help="module-name regexes to quantize (default: "
+                        "every linear layer inside the decoder blocks)")
+    parser.add_argument("--ignore", nargs="+", default=[], metavar="REGEX", help="module-name regexes to leave as is")
+    parser.add_argument("--output", required=True, help="output directory (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    parser.add_argument("--save-format", choices=SAVE_FORMATS, default="dense",
+                        help="dense: plain checkpoint holding the dequantized values (exact zeros); packed: N:M only")
+    _add_push_arg(parser)
+    parser.set_defaults(handler=run_quantize)
 
 
 def _add_push_arg(parser: argparse.ArgumentParser) -> None:
@@ -238,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch (default: torch's choice); 1 is much faster on a busy machine")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prune_parser(commands)
+    _add_quantize_parser(commands)
     _add_train_parser(commands)
     _add_export_parser(commands)
     _add_eval_parser(commands)
@@ -326,6 +378,7 @@ def run_prune(args: argparse.Namespace) -> None:
             method=args.method, pattern=args.pattern, sparsity=args.sparsity, sparsity_scope=args.sparsity_scope,
             targets=args.targets, ignore=args.ignore, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
             method_options=dict(args.option), refine=args.refine, refine_options=dict(args.refine_option),
+            **_quant_fields(args),
         )
         _check_source(args.calibration, "calibration source")
         output = check_output_dir(args.output, args.overwrite)
@@ -368,6 +421,47 @@ def run_prune(args: argparse.Namespace) -> None:
         write_json(staging / "prune_report.json", {**summary, "config": config.to_dict(), **report.to_dict()})
     print(f"Pruned {args.model} ({report.method}, {config.sparsity_pattern}) -> {output}")
     _maybe_push(args.push_to_hub, output, model, config, args.save_format, tasks)
+
+
+def run_quantize(args: argparse.Namespace) -> None:
+    from . import quantize
+    from .export import sparsity_config_of
+    from .prune import resolve_calibration
+    from .pruning import engine
+    from .quantize import check_sparse
+
+    with user_input():
+        _check_source(args.calibration, "calibration source")
+        output = check_output_dir(args.output, args.overwrite)
+        needs_data = get_quantizer(args.quant_method).needs_data
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype], purpose="calibration" if needs_data else None)
+        declared = sparsity_config_of(model)
+        if args.pattern is None and args.sparsity is None and declared is None:
+            raise SparseConfigError(f"{args.model} carries no sparsity config: pass --pattern N:M (e.g. 2:4), or "
+                                    "--sparsity 0 for a dense model.")
+        structure = (dict(pattern=args.pattern, sparsity=args.sparsity) if args.pattern or args.sparsity is not None
+                     else dict(pattern=declared.pattern, sparsity=declared.sparsity,
+                               sparsity_scope=declared.sparsity_scope))
+        method = declared.method if declared is not None and declared.method in PRUNERS else "magnitude"
+        config = SparsityConfig(method=method, **structure,
+                                targets=args.targets, ignore=args.ignore, nsamples=args.nsamples,
+                                seqlen=args.seqlen, seed=args.seed, **_quant_fields(args))
+        if args.save_format == "packed" and not config.sparsity_pattern.is_nm:
+            raise SparseConfigError("--save-format packed stores N:M patterns only; use --save-format dense.")
+        plan = engine.plan(model, config.sparsity_pattern, config.targets, config.ignore, config.all_options,
+                           config.scheme)
+        check_sparse(plan, config.sparsity_pattern)
+        calibration = resolve_calibration(model, config, args.calibration, tokenizer, needed=needs_data)
+    report = quantize(model, config, calibration=calibration)
+    config.provenance.update(base_model=args.model, calibration=args.calibration)
+    with atomic_directory(output) as staging:
+        get_format(args.save_format).save(model, staging, resolve_for_save(model, config, args.save_format), {})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        summary = {"model": args.model, "calibration": args.calibration, "save_format": args.save_format}
+        write_json(staging / "quantize_report.json", {**summary, "config": config.to_dict(), **report.to_dict()})
+    print(f"Quantized {args.model} ({report.method}, {config.scheme}) -> {output}")
+    _maybe_push(args.push_to_hub, output, model, config, args.save_format)
 
 
 def _maybe_push(repo: str | None, directory: Path, model, config: SparsityConfig, save_format: str,

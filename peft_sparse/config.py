@@ -154,6 +154,9 @@ class SparsityConfig(QuantizationConfigMixin):
         if self.bits is not None and self.resolved_quantizer == JOINT and self.refine is not None:
             raise ValueError(f"quantizer='joint' quantizes inside SparseGPT's sweep, so refine={self.refine!r} would "
                              "move weights off their grid; use quantizer='gptq' (quantize after the refiner).")
+        if self.bits is not None and self.resolved_quantizer == "awq" and self.method == "wrp":
+            raise ValueError("quantizer='awq' folds scales into the layers' rows and columns, which WRP's recover "
+                             "matrices would not follow; use quantizer='gptq' or 'rtn' with method='wrp'.")
         self.quantizer_config  # noqa: B018  (validates quantizer name and quantizer_options)
 
     @property

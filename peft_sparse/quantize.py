@@ -14,7 +14,6 @@ from .pruning import engine
 from .pruning.base import Pruner, PruneResult
 from .pruning.registry import get_quantizer
 from .pruning.report import PruneReport
-from .quantization.methods import Quantized
 from .sparsity import SparsityPattern, nm_violations
 
 
@@ -67,8 +66,8 @@ def quantize(
     options = [config.quantizer_config]
     plan = engine.plan(model, pattern, config.targets, config.ignore, options, config.scheme)
     check_sparse(plan, pattern)
-    quantizer = get_quantizer(name)(config.quantizer_config, config.scheme)
-    ids = resolve_calibration(model, config, calibration, tokenizer, needed=quantizer.needs_data)
-    report = engine.run(model, config, plan, ids, pruner=Quantized(ExistingMask(None, pattern), quantizer))
+    pruner = engine.with_quantizer(ExistingMask(None, pattern), config)
+    ids = resolve_calibration(model, config, calibration, tokenizer, needed=get_quantizer(name).needs_data)
+    report = engine.run(model, config, plan, ids, pruner=pruner)
     model.peft_sparse_config = config
     return report

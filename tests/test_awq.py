@@ -172,3 +172,5 @@ def test_awq_refuses_unknown_architectures_before_any_work(tiny_model_factory, a
 def test_awq_options_are_validated():
     with pytest.raises(ValueError, match="n_grid"):
         SparsityConfig(method="wanda", bits=4, quantizer="awq", quantizer_options={"n_grid": 0})
+    with pytest.raises(ValueError, match="recover matrices"):
+        SparsityConfig(method="wrp", bits=4, quantizer="awq")

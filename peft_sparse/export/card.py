@@ -102,6 +102,12 @@ def model_card(model: nn.Module, config: SparsityConfig, format: str, *, base_mo
         sparsity_block["codec"] = config.resolved_codec
     if config.method_options:
         sparsity_block["method_options"] = config.method_options
+    quantized = ""
+    if config.bits is not None:
+        sparsity_block.update(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
+                              quantizer=config.resolved_quantizer)
+        group = "per channel" if config.group_size == -1 else f"group size {config.group_size}"
+        quantized = f", its kept values quantized to int{config.bits} ({group}) by {config.resolved_quantizer},"
     data = ModelCardData(
         base_model=base_model, library_name=library_name, pipeline_tag="text-generation",
         tags=["peft_sparse", "sparsity", f"sparsity:{pattern}" if pattern.is_nm else "sparsity:unstructured",
@@ -119,5 +125,5 @@ def model_card(model: nn.Module, config: SparsityConfig, format: str, *, base_mo
         n_modules=len(config.modules or []), per_layer=_per_layer(model, config.modules or []),
         perplexity=perplexity, extra_params=extra_params, load_snippet=snippet, task_lines=[
             f"{e.dataset_name} {e.metric_type} {e.metric_value:.4f}" for e in eval_results if e.source_name],
-        summary=f"{base_model or 'A causal LM'} made {pattern} sparse with {config.method} by peft_sparse.",
+        summary=f"{base_model or 'A causal LM'} made {pattern} sparse with {config.method}{quantized} by peft_sparse.",
     )

@@ -291,12 +291,13 @@ def _without_data(dense: torch.Tensor, pattern: SparsityPattern, scheme: QuantSc
     return PruneResult(quantized, keep, grid=(scale, zero))
 
 
-def _stored(result: PruneResult, scheme: QuantScheme | None, dtype: torch.dtype) -> torch.Tensor:
-    """The weight as the layer will hold it: on a grid, its codes dequantized in ``dtype`` with the scale in
+def _stored(weight: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor | None] | None, scheme: QuantScheme | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 ``weight`` as the layer will hold it: on a grid, its codes dequantized in ``dtype`` with the scale in
     ``dtype`` (so the in-memory weight is exactly what a checkpoint reloads); pruned entries are +0.0."""
-    if result.grid is None:
-        return result.weight.to(dtype)
-    return stored_weight(result.weight, *result.grid, scheme, dtype)
+    if grid is None:
+        return weight.to(dtype)
+    return stored_weight(weight, *grid, scheme, dtype)
 
 
 def _prune_target(
@@ -314,7 +315,7 @@ def _prune_target(
         result = _without_data(dense, pruner.pattern, scheme)
     else:
         result = pruner.prune_layer(target.name, dense, target.shared_stats)
-    stored = _stored(result, scheme, matrix.dtype)
+    stored = _stored(result.weight, result.grid, scheme, matrix.dtype)
     recover = result.extras.get("recover")
     effective = result.weight if result.grid is None else stored.float()  # the error covers the quantization
     effective = effective if recover is None else effective + recover

@@ -60,7 +60,8 @@ class AWQOptions(PrunerOptions):
     """Args:
     n_grid: candidates per search (llm-awq: 20).
     max_shrink: the clip search tries ranges down to ``(1 - max_shrink)`` of the absmax (llm-awq: 0.5).
-    search_tokens: calibration tokens (whole sequences) used by the scale search; ``None``: all of them.
+    search_tokens: calibration tokens used by the scale search, in whole batches of the walk (at least one, up
+        to 1024 tokens); ``None``: all of them.
     clip_tokens: input tokens per linear scoring the clip search (llm-awq: 512).
     """
 
