@@ -201,13 +201,15 @@ def lastword_task(source: str = "wikitext2", n: int = 200, offline: bool | None 
 
 # --- resolution ------------------------------------------------------------------------------------------------------
 def _unknown(names: list[str], known: list[str]) -> str:
-    hints = [f"{name!r} (did you mean {', '.join(repr(m) for m in difflib.get_close_matches(name, known, 3))}?)"
-             if difflib.get_close_matches(name, known, 1) else repr(name) for name in names]
+    hints = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, 3)
+        hints.append(f"{name!r} (did you mean {', '.join(map(repr, close))}?)" if close else repr(name))
     return f"Unknown lm-eval task {', '.join(hints)}; `lm-eval ls tasks` lists them."
 
 
 def resolve_tasks(tasks: str | Sequence[str | dict], *, offline: bool | None = None,
-                  lastword_data: str = "wikitext2"):
+                  lastword_data: str = "wikitext2") -> tuple[list[str | dict], Any]:
     """lm-eval task specs (names or config dicts) and the ``TaskManager`` that loads them.
 
     Raises :class:`~peft_sparse.errors.SparseConfigError` for an unknown name, and offline (``offline``, default:
