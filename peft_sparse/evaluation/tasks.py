@@ -208,6 +208,14 @@ def _unknown(names: list[str], known: list[str]) -> str:
     return f"Unknown lm-eval task {', '.join(hints)}; `lm-eval ls tasks` lists them."
 
 
+@functools.lru_cache(maxsize=1)
+def _task_index():
+    """lm-eval's ``TaskManager`` over its built-in tasks: indexing ~15k YAML files takes seconds, so once a process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def resolve_tasks(tasks: str | Sequence[str | dict], *, offline: bool | None = None,
                   lastword_data: str = "wikitext2") -> tuple[list[str | dict], Any]:
     """lm-eval task specs (names or config dicts) and the ``TaskManager`` that loads them.
@@ -239,7 +247,7 @@ def resolve_tasks(tasks: str | Sequence[str | dict], *, offline: bool | None = N
             specs.append(item)
     if not hub_names:
         return specs, TaskManager(include_defaults=False)  # skips indexing lm-eval's ~15k built-in tasks (6 s)
-    manager = TaskManager()
+    manager = _task_index()
     unknown = [name for name in hub_names if name not in manager.all_tasks]
     if unknown:
         raise SparseConfigError(_unknown(unknown, [*manager.all_tasks, *VAL_TASKS, LASTWORD]))
