@@ -10,6 +10,7 @@ All rows run in one process, each pruning a fresh copy of the dense model.
 
     python bench/zeroshot.py                                 # the table (about 80 minutes on 2 busy cores)
     python bench/zeroshot.py --rows dense,wanda --limit 20   # a quick look
+    python bench/zeroshot.py --rows "" --out bench/results/zeroshot_overhead.json   # only the overhead check
 
 Results go to ``bench/results/zeroshot.json`` (written after every row, so an interrupted run keeps its rows).
 """
@@ -123,7 +124,10 @@ def main() -> None:
     from peft_sparse.data import load_calibration
     from peft_sparse.io import write_json
 
-    rows = args.rows.split(",")
+    rows = [row for row in args.rows.split(",") if row]  # --rows "" runs only the overhead check
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     dense, tokenizer = peft_sparse.smollm2()
     calibration = load_calibration(str(CALIBRATION), tokenizer, args.nsamples, 512, 0)
     load = os.getloadavg()

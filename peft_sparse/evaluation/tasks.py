@@ -201,13 +201,23 @@ def lastword_task(source: str = "wikitext2", n: int = 200, offline: bool | None 
 
 # --- resolution ------------------------------------------------------------------------------------------------------
 def _unknown(names: list[str], known: list[str]) -> str:
-    hints = [f"{name!r} (did you mean {', '.join(repr(m) for m in difflib.get_close_matches(name, known, 3))}?)"
-             if difflib.get_close_matches(name, known, 1) else repr(name) for name in names]
+    hints = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, 3)
+        hints.append(f"{name!r} (did you mean {', '.join(map(repr, close))}?)" if close else repr(name))
     return f"Unknown lm-eval task {', '.join(hints)}; `lm-eval ls tasks` lists them."
 
 
+@functools.lru_cache(maxsize=1)
+def _task_index():
+    """lm-eval's ``TaskManager`` over its built-in tasks: indexing ~15k YAML files takes seconds, so once a process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def resolve_tasks(tasks: str | Sequence[str | dict], *, offline: bool | None = None,
-                  lastword_data: str = "wikitext2"):
+                  lastword_data: str = "wikitext2") -> tuple[list[str | dict], Any]:
     """lm-eval task specs (names or config dicts) and the ``TaskManager`` that loads them.
 
     Raises :class:`~peft_sparse.errors.SparseConfigError` for an unknown name, and offline (``offline``, default:
@@ -237,7 +247,7 @@ def resolve_tasks(tasks: str | Sequence[str | dict], *, offline: bool | None = N
             specs.append(item)
     if not hub_names:
         return specs, TaskManager(include_defaults=False)  # skips indexing lm-eval's ~15k built-in tasks (6 s)
-    manager = TaskManager()
+    manager = _task_index()
     unknown = [name for name in hub_names if name not in manager.all_tasks]
     if unknown:
         raise SparseConfigError(_unknown(unknown, [*manager.all_tasks, *VAL_TASKS, LASTWORD]))
