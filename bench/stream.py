@@ -216,6 +216,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     parser.add_argument("--cap-layers", type=int, default=48, help="depth of the capped run (0: none)")
     parser.add_argument("--cap-fraction", type=float, default=0.4, help="the cap as a fraction of the checkpoint")
+    parser.add_argument("--sparsegpt-max-layers", type=int, default=48, help="skip deeper SparseGPT rows (time)")
     parser.add_argument("--big", type=int, default=0, metavar="LAYERS", help="also a hidden-2048 model (20: 4.2 GiB)")
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M streamed == in memory")
     parser.add_argument("--work", default="/tmp/stream-bench")
@@ -226,49 +227,72 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    models = [(f"llama-{n}", n, HIDDEN) for n in args.layers] + ([(f"llama2048-{args.big}", args.big, BIG)]
-                                                                   if args.big else [])
-    rows = []
-    for name, layers, shape in models:
-        source = work / name
-        make_checkpoint(source, layers, shape)
-        for method in args.methods:
-            row = {"model": name, "layers": layers, "hidden": shape["hidden_size"], "method": method,
-                   "checkpoint_mib": mib(source)}
-            for path in ("stream", "memory"):
-                row[path] = run_worker(path, source, work / f"{name}-{method}-{path}", method)
-                print(name, method, path, json.dumps({k: v for k, v in row[path].items()
-                                                      if k != "rss_anon_per_block"}), flush=True)
-            row["output_mib"] = mib(work / f"{name}-{method}-stream")
-            row.update(compare(work / f"{name}-{method}-stream", work / f"{name}-{method}-memory"))
-            row["floor_mib"] = floor_mib(shape, method)
-            rows.append(row)
-            for path in ("stream", "memory"):
-                shutil.rmtree(work / f"{name}-{method}-{path}", ignore_errors=True)
-    capped = {}
-    if args.cap_layers:
-        source = work / f"llama-{args.cap_layers}"
-        make_checkpoint(source, args.cap_layers, HIDDEN)
-        cap = int(mib(source) * args.cap_fraction)  # below half the checkpoint
-        for path in ("stream", "memory"):
-            capped[path] = run_worker(path, source, work / f"capped-{path}", "wanda", cap_mib=cap)
-            print("capped", path, json.dumps({k: v for k, v in capped[path].items() if k != "rss_anon_per_block"}),
-                  flush=True)
-        reference = work / "capped-reference"
-        run_worker("memory", source, reference, "wanda")
-        capped["checkpoint_mib"] = mib(source)
-        if capped["stream"]["rc"] == 0:
-            capped["stream_equals_in_memory"] = compare(work / "capped-stream", reference)["bitwise_equal"]
-        for path in ("capped-stream", "capped-memory", "capped-reference"):
-            shutil.rmtree(work / path, ignore_errors=True)
-    smollm2 = smollm2_check(work) if args.smollm2 else None
-    print_table(rows, capped)
     payload = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                            "note": "shared machine: other jobs ran at the same time, timings are noisy"},
                "calibration": {"nsamples": NSAMPLES, "seqlen": SEQLEN, "ids": "uniform random, seed 0"},
-               "rows": rows, "capped": capped, "smollm2": smollm2}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
+               "rows": [], "capped": {}, "smollm2": None, "skipped": []}
+
+    def save() -> None:  # after every step: a run cut short keeps what it measured
+        payload["load_average"] = os.getloadavg()
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
+
+    models = [(f"llama-{n}", n, HIDDEN) for n in args.layers] + ([(f"llama2048-{args.big}", args.big, BIG)]
+                                                                   if args.big else [])
+    for method in args.methods:
+        for name, layers, shape in models:
+            if method == "sparsegpt" and layers > args.sparsegpt_max_layers:
+                payload["skipped"].append(f"{name} {method}: over --sparsegpt-max-layers (time on a shared machine)")
+                continue
+            payload["rows"].append(measure_row(work, name, layers, shape, method))
+            save()
+        if method == args.methods[0]:
+            if args.cap_layers:
+                payload["capped"] = capped_run(work, args.cap_layers, args.cap_fraction)
+                save()
+            if args.smollm2:
+                payload["smollm2"] = smollm2_check(work)
+                save()
+    print_table(payload["rows"], payload["capped"])
+
+
+def measure_row(work: Path, name: str, layers: int, shape: dict, method: str) -> dict:
+    """Both paths on one checkpoint and method, then their outputs compared (the streamed one kept for the cap)."""
+    source = work / name
+    make_checkpoint(source, layers, shape)
+    row = {"model": name, "layers": layers, "hidden": shape["hidden_size"], "method": method,
+           "checkpoint_mib": mib(source)}
+    for path in ("stream", "memory"):
+        row[path] = run_worker(path, source, work / f"{name}-{method}-{path}", method)
+        print(name, method, path, json.dumps({k: v for k, v in row[path].items() if k != "rss_anon_per_block"}),
+              flush=True)
+    row["output_mib"] = mib(work / f"{name}-{method}-stream")
+    row.update(compare(work / f"{name}-{method}-stream", work / f"{name}-{method}-memory"))
+    row["floor_mib"] = floor_mib(shape, method)
+    shutil.rmtree(work / f"{name}-{method}-memory", ignore_errors=True)
+    return row
+
+
+def capped_run(work: Path, layers: int, fraction: float) -> dict:
+    """Both paths (Wanda) under a cgroup v1 cap of ``fraction`` of the checkpoint; the streamed output is compared
+    with the uncapped streamed one of the same depth (itself equal to the in-memory output), else with a fresh
+    in-memory run."""
+    source = work / f"llama-{layers}"
+    make_checkpoint(source, layers, HIDDEN)
+    capped = {"checkpoint_mib": mib(source), "cap_fraction": fraction}
+    cap = int(mib(source) * fraction)
+    for path in ("stream", "memory"):
+        capped[path] = run_worker(path, source, work / f"capped-{path}", "wanda", cap_mib=cap)
+        print("capped", path, json.dumps({k: v for k, v in capped[path].items() if k != "rss_anon_per_block"}),
+              flush=True)
+    reference = work / f"llama-{layers}-wanda-stream"
+    if not reference.is_dir():
+        run_worker("memory", source, reference, "wanda")
+    if capped["stream"]["rc"] == 0:
+        capped["stream_equals_uncapped"] = compare(work / "capped-stream", reference)["bitwise_equal"]
+    for path in ("capped-stream", "capped-memory"):
+        shutil.rmtree(work / path, ignore_errors=True)
+    return capped
 
 
 def smollm2_check(work: Path) -> dict:
