@@ -253,6 +253,7 @@ def main() -> None:
             if args.smollm2:
                 payload["smollm2"] = smollm2_check(work)
                 save()
+    save()
     print_table(payload["rows"], payload["capped"])
 
 
