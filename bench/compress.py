@@ -10,14 +10,15 @@ codes, so its bytes do not depend on the pattern); the unstructured model has no
 Two models: SmolLM2-135M (``peft_sparse.smollm2()``) with one scale per 64 dense input columns (its hidden width 576
 is 4.5 x 128, so g128 cannot tile it), every pattern in fp32 and bf16; and a randomly initialised 1-block Llama of
 TinyLlama's widths (hidden 2048, MLP 5632) with g128, the issue's size target: 2:4 in fp32 and bf16, the other N:M
-patterns in fp32. The 2:4 packed checkpoints are reloaded and compared bit for bit.
+patterns in fp32. The 2:4 packed checkpoints are reloaded and compared bit for bit. Rows run in ``_plan``'s order
+and the JSON is rewritten after each one (``--table`` prints the table of what is there).
 
 Columns, all measured on the saved files (``peft_sparse.export.linear_sizes``): bytes of the decoder linears (codes,
 positions, scales), their % of the fp32 dense linears, the same without the scales (the paper's Table 1 counts no
 scales), the information limit (4 bits per kept value + log2 C(M, N) bits per group + the scales as stored) and the
 ratio to it; the paper's Table 1 value beside it. Also checks that each packed checkpoint reloads bit-equal.
 
-    python bench/compress.py [--output bench/results/compress.json]
+    python bench/compress.py [--output bench/results/compress.json] [--table]
 """
 
 from __future__ import annotations
@@ -80,25 +81,29 @@ def _wide_llama() -> torch.nn.Module:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SMOLLM2, WIDE = "SmolLM2-135M", "Llama 2048/5632 x1 (random)"
+GROUP_SIZE = {SMOLLM2: 64, WIDE: 128}
+CT = "compressed-tensors"
 
 
-def _plan() -> list[tuple[str, object, int, dict[str, dict[str, tuple[str, ...]]]]]:
-    """(model name, builder, group size, {pattern: {dtype: formats}}). Every pattern packed in both dtypes on
-    SmolLM2; compressed-tensors (dense int4: its bytes do not depend on the pattern) for 2:4 and unstructured; the
-    wide model for the g128 targets, 2:4 in both dtypes and the other N:M patterns in float32."""
-    import peft_sparse
+def _plan() -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """Rows ``(model, pattern, dtype, formats)``, the issue's targets first (the JSON is rewritten after each row):
+    2:4 of both models in both dtypes, then every pattern of SmolLM2 and the wide model in float32, then SmolLM2's
+    other patterns in bfloat16. compressed-tensors (dense int4: its bytes do not depend on the pattern) for 2:4 and
+    unstructured."""
+    nm = [pattern for pattern in PATTERNS if ":" in pattern and pattern != "2:4"]
+    unstructured = PATTERNS[-1]
+    rows = [(WIDE, "2:4", dtype, ("packed",)) for dtype in DTYPES]
+    rows += [(SMOLLM2, "2:4", dtype, ("packed", CT)) for dtype in DTYPES]
+    rows += [(SMOLLM2, pattern, "float32", ("packed",)) for pattern in nm]
+    rows += [(SMOLLM2, unstructured, "float32", (CT,))]
+    rows += [(WIDE, pattern, "float32", ("packed",)) for pattern in nm]
+    rows += [(SMOLLM2, pattern, "bfloat16", ("packed",)) for pattern in nm]
+    rows += [(SMOLLM2, unstructured, "bfloat16", (CT,))]
+    return rows
 
-    both = ("float32", "bfloat16")
-    smollm2 = {pattern: dict.fromkeys(both, ("packed",)) for pattern in PATTERNS[:-1]}
-    for pattern in ("2:4", "unstructured 50%"):
-        smollm2[pattern] = {dtype: (*smollm2.get(pattern, {}).get(dtype, ()), "compressed-tensors") for dtype in both}
-    wide = {pattern: {"float32": ("packed",)} for pattern in PATTERNS[:-1]}
-    wide["2:4"] = dict.fromkeys(both, ("packed",))
-    return [("SmolLM2-135M", lambda: peft_sparse.smollm2()[0], 64, smollm2),
-            ("Llama 2048/5632 x1 (random)", _wide_llama, 128, wide)]
 
-
-def run(only_packed: bool) -> dict:
+def run(output: Path, only: str | None = None) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -108,32 +113,34 @@ def run(only_packed: bool) -> dict:
     results = {"quantization": "magnitude pruning + RTN int4 symmetric", "torch": torch.__version__,
                "machine": platform.processor() or platform.machine(),
                "paper": "AST Table 1, % of fp32, Huffman-coded positions, no scales", "rows": []}
+    builders = {SMOLLM2: lambda: peft_sparse.smollm2()[0], WIDE: _wide_llama}
+    bases = {name: build() for name, build in builders.items() if only is None or name.startswith(only)}
+    pruned_key, pruned = None, None
     with tempfile.TemporaryDirectory() as scratch:
-        for model_name, build, group_size, patterns in _plan():
-            base = build()
-            for pattern, dtypes in patterns.items():
-                pruned = copy.deepcopy(base)
+        for model_name, pattern, dtype_name, formats in _plan():
+            if only is not None and not model_name.startswith(only):
+                continue
+            if pruned_key != (model_name, pattern):
+                pruned_key, pruned = (model_name, pattern), copy.deepcopy(bases[model_name])
                 peft_sparse.prune(pruned, _sparsity_config(pattern))
-                for dtype_name, formats in dtypes.items():
-                    model = copy.deepcopy(pruned).to(DTYPES[dtype_name])
-                    config = _sparsity_config(pattern, bits=4, group_size=group_size)
-                    quantize_rtn(model, config.scheme)
-                    row = {"model": model_name, "group_size": group_size, "pattern": pattern, "dtype": dtype_name,
-                           "paper_pct": PAPER_TABLE_1.get(pattern)}
-                    for fmt in formats if not only_packed else [f for f in formats if f == "packed"]:
-                        directory = Path(scratch) / "checkpoint"
-                        start = time.perf_counter()
-                        peft_sparse.save_pretrained(model, directory, fmt, config=config)
-                        row[fmt] = _measure(directory, time.perf_counter() - start)
-                        if fmt == "packed" and pattern == "2:4":
-                            reloaded = AutoModelForCausalLM.from_pretrained(directory)
-                            row[fmt]["reload_bit_equal"] = _same_state(reloaded, model)
-                            del reloaded
-                    results["rows"].append(row)
-                    print(json.dumps(row), flush=True)
-                    del model
-                del pruned
-            del base
+            model = copy.deepcopy(pruned).to(DTYPES[dtype_name])
+            config = _sparsity_config(pattern, bits=4, group_size=GROUP_SIZE[model_name])
+            quantize_rtn(model, config.scheme)
+            row = {"model": model_name, "group_size": GROUP_SIZE[model_name], "pattern": pattern,
+                   "dtype": dtype_name, "paper_pct": PAPER_TABLE_1.get(pattern)}
+            for fmt in formats:
+                directory = Path(scratch) / "checkpoint"
+                start = time.perf_counter()
+                peft_sparse.save_pretrained(model, directory, fmt, config=config)
+                row[fmt] = _measure(directory, time.perf_counter() - start)
+                if fmt == "packed" and pattern == "2:4":
+                    reloaded = AutoModelForCausalLM.from_pretrained(directory)
+                    row[fmt]["reload_bit_equal"] = _same_state(reloaded, model)
+                    del reloaded
+            del model
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            output.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -154,13 +161,15 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only-packed", action="store_true", help="skip the compressed-tensors saves")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "compress.json"))
+    parser.add_argument("--table", action="store_true", help="only print the table of an existing --output")
+    parser.add_argument("--only", help="run the rows of the models whose name starts with this (e.g. Llama)")
     args = parser.parse_args()
-    results = run(args.only_packed)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    output = Path(args.output)
+    if not args.table:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        run(output, args.only)
+    print(table(json.loads(output.read_text())))
 
 
 if __name__ == "__main__":
