@@ -81,6 +81,22 @@ def _config_default(name: str):
     return spec.default
 
 
+def _add_calibration_args(parser: argparse.ArgumentParser, verb: str, skipped: str) -> None:
+    """Calibration windows and target selection, shared by ``prune`` and ``quantize``."""
+    parser.add_argument("--calibration", default=EMBEDDED,
+                        help=f"'embedded' (built-in offline text, default), {' or '.join(HUB_DATASETS)} (Hub), "
+                        "or a local .txt/.raw/.jsonl file (data-free methods ignore it)")
+    parser.add_argument("--nsamples", type=_positive_int, default=_config_default("nsamples"),
+                        help="calibration windows (default %(default)s)")
+    parser.add_argument("--seqlen", type=_positive_int, default=_config_default("seqlen"),
+                        help="tokens per calibration window (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=_config_default("seed"),
+                        help="calibration sampling seed (default %(default)s)")
+    parser.add_argument("--targets", nargs="+", metavar="REGEX", help=f"module-name regexes to {verb} (default: "
+                        "every linear layer inside the decoder blocks)")
+    parser.add_argument("--ignore", nargs="+", default=[], metavar="REGEX", help=f"module-name regexes to {skipped}")
+
+
 def _add_prune_parser(commands) -> None:
     parser = commands.add_parser("prune", help="one-shot prune a model and save a plain transformers checkpoint")
     _add_model_args(parser)
@@ -90,18 +106,7 @@ def _add_prune_parser(commands) -> None:
     parser.add_argument("--sparsity", type=float, help="unstructured ratio of zeros instead of --pattern, e.g. 0.5")
     parser.add_argument("--sparsity-scope", choices=SCOPES, default=_config_default("sparsity_scope"),
                         help="unstructured only: rank weights per output row or per layer (default %(default)s)")
-    parser.add_argument("--calibration", default=EMBEDDED,
-                        help=f"'embedded' (built-in offline text, default), {' or '.join(HUB_DATASETS)} (Hub), "
-                        "or a local .txt/.raw/.jsonl file")
-    parser.add_argument("--nsamples", type=_positive_int, default=_config_default("nsamples"),
-                        help="calibration windows (default %(default)s)")
-    parser.add_argument("--seqlen", type=_positive_int, default=_config_default("seqlen"),
-                        help="tokens per calibration window (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=_config_default("seed"),
-                        help="calibration sampling seed (default %(default)s)")
-    parser.add_argument("--targets", nargs="+", metavar="REGEX", help="module-name regexes to prune (default: "
-                        "every linear layer inside the decoder blocks)")
-    parser.add_argument("--ignore", nargs="+", default=[], metavar="REGEX", help="module-name regexes to keep dense")
+    _add_calibration_args(parser, "prune", "keep dense")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="method option, repeatable, e.g. --option blocksize=128 --option percdamp=0.01, "
                         "or for wrp --option alpha=0.25 (block form: --option block_size=32 --option blocks_per_row=2)")
@@ -156,18 +161,7 @@ def _add_quantize_parser(commands) -> None:
     parser.add_argument("--pattern", help="the N:M pattern the model has (default: from its sparsity config; checked "
                         "on every layer)")
     parser.add_argument("--sparsity", type=float, help="unstructured sparsity instead of --pattern (0 for dense)")
-    parser.add_argument("--calibration", default=EMBEDDED,
-                        help=f"'embedded' (default), {' or '.join(HUB_DATASETS)} (Hub), or a local .txt/.raw/.jsonl "
-                        "file (gptq, awq)")
-    parser.add_argument("--nsamples", type=_positive_int, default=_config_default("nsamples"),
-                        help="calibration windows (default %(default)s)")
-    parser.add_argument("--seqlen", type=_positive_int, default=_config_default("seqlen"),
-                        help="tokens per calibration window (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=_config_default("seed"),
-                        help="calibration sampling seed (default %(default)s)")
-    parser.add_argument("--targets", nargs="+", metavar="REGEX", help="module-name regexes to quantize (default: "
-                        "every linear layer inside the decoder blocks)")
-    parser.add_argument("--ignore", nargs="+", default=[], metavar="REGEX", help="module-name regexes to leave as is")
+    _add_calibration_args(parser, "quantize", "leave as they are")
     parser.add_argument("--output", required=True, help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     parser.add_argument("--save-format", choices=SAVE_FORMATS, default="dense",
