@@ -207,3 +207,11 @@ def test_sparse_retraining_refuses_the_kernel_model(tmp_path):
     args = SparseTrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], max_steps=1)
     with pytest.raises(TypeError, match=r"SparseTrainer.*\(and 13 more layers\).*int kernel"):
         SparseTrainer(model=loaded, args=args)
+
+
+def test_a_dense_save_refuses_kernel_layers_before_writing(tmp_path):
+    _, directory = _saved(tmp_path, QuantScheme(4, 32))
+    loaded = AutoModelForCausalLM.from_pretrained(directory)
+    with pytest.raises(ValueError, match=r"int kernel codes.*format='packed'.*dequantize\(\)"):
+        save_pretrained(loaded, tmp_path / "dense", format="dense")
+    assert not (tmp_path / "dense").exists()

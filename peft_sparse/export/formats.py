@@ -141,6 +141,10 @@ def _save_dense(model: nn.Module, directory: Path, config: SparsityConfig, kwarg
         raise ValueError(f"{recovered[0]} carries a WRP recover matrix, which a plain dense checkpoint cannot hold; "
                          "save with format='packed', or fold it into the weights first with "
                          "peft_sparse.nn.merge_recovered(model) (no longer exactly N:M).")
+    on_kernels = [name for name, module in model.named_modules() if isinstance(module, IntLinear)]
+    if on_kernels:
+        raise ValueError(f"{on_kernels[0]} holds its weight as int kernel codes, which a plain dense checkpoint cannot "
+                         "hold; save with format='packed', or call model.dequantize() first.")
 
     with _quantizer_state(model, None):
         model.save_pretrained(directory, **kwargs)
