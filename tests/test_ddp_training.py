@@ -57,15 +57,31 @@ PLACEMENTS = ("gradient", "step", "update")
 WEIGHT_ATOL = {"gradient": 5e-5, "step": 5e-3, "update": 5e-4}
 
 
+def launch_two_ranks(launcher: list[str], script: str, *args: str) -> None:
+    """Run ``script`` in 2 CPU processes (``launcher``: torch.distributed.run or accelerate launch) and check it."""
+    command = [sys.executable, "-m", *launcher, script, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+TORCHRUN = ["torch.distributed.run", "--nproc_per_node", "2"]
+
+
+def fsdp_reference() -> dict[str, torch.Tensor]:
+    """The finalized state of the FSDP tests' run in one process (its masks must have moved)."""
+    model = sparse_tiny_llama()
+    fsdp_steps(model, TokenDataset().ids[:4])
+    assert any(not torch.equal(m.sparse_mask, m.initial_mask) for m in model.modules() if hasattr(m, "sparse_mask"))
+    return finalized_state(model, model)
+
+
 @pytest.fixture(scope="module")
 def ddp_states(tmp_path_factory) -> Path:
     """One 2-process launch (startup dominates) that trains once per SR-STE placement."""
     out = tmp_path_factory.mktemp("ddp")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", __file__, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch_two_ranks(["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no"], __file__, str(out))
     return out
 
 
@@ -123,15 +139,9 @@ def fsdp_worker(out: str) -> None:
 
 
 def test_fsdp_use_orig_params_matches_single_process(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, str(tmp_path), "fsdp"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch_two_ranks(TORCHRUN, __file__, str(tmp_path), "fsdp")
     ranks = [torch.load(tmp_path / f"fsdp-rank{r}.pt") for r in range(2)]
-    model = sparse_tiny_llama()
-    fsdp_steps(model, TokenDataset().ids[:4])
-    assert any(not torch.equal(m.sparse_mask, m.initial_mask) for m in model.modules() if hasattr(m, "sparse_mask"))
-    expected = finalized_state(model, model)
+    expected = fsdp_reference()
     assert all(follows_nm(ranks[0][key.replace("sparse_mask", "weight")], 2, 4) for key in expected
                if key.endswith("sparse_mask"))  # finalize hard-pruned the whole (gathered) weights under FSDP
     for key, value in expected.items():

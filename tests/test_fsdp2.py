@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_ddp_training import PATTERN, finalized_state, fsdp_steps, sparse_tiny_llama  # noqa: E402
+from test_ddp_training import (  # noqa: E402
+    PATTERN,
+    TORCHRUN,
+    fsdp_reference,
+    fsdp_steps,
+    launch_two_ranks,
+    sparse_tiny_llama,
+)
 from test_training import TokenDataset, make_args, tiny_llama  # noqa: E402
 
 from peft_sparse import SparseTrainer  # noqa: E402
@@ -68,15 +74,9 @@ def fsdp2_worker(out: str) -> None:
 
 
 def test_fsdp2_fully_shard_matches_single_process_and_round_trips_through_dcp(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch_two_ranks(TORCHRUN, __file__, str(tmp_path))
     ranks = [torch.load(tmp_path / f"fsdp2-rank{r}.pt") for r in range(2)]
-    model = sparse_tiny_llama()
-    fsdp_steps(model, TokenDataset().ids[:4])
-    assert any(not torch.equal(m.sparse_mask, m.initial_mask) for m in model.modules() if hasattr(m, "sparse_mask"))
-    expected = finalized_state(model, model)
+    expected = fsdp_reference()
     mask_keys = [key for key in expected if key.endswith("sparse_mask")]
     assert mask_keys and all(follows_nm(ranks[0][key.replace("sparse_mask", "weight")], 2, 4) for key in mask_keys)
     for key, value in expected.items():
