@@ -13,8 +13,10 @@ Every row runs in a fresh process with ``--threads`` torch threads (1 and 2 by d
 * **linears MiB**: bytes the decoder linears hold in memory (weights + scales; floats or int codes);
 * **load s**: ``from_pretrained`` alone; **ttft s**: load plus one 512-token prefill (time to first token);
 * **prefill tok/s**: 512 WikiText-2 tokens in one forward; **decode tok/s**: 128 greedy new tokens after a 32-token
-  prompt, batch 1, KV cache (``generate``), and **lm_head share**: the fraction of the decode time spent in
-  ``lm_head`` (bf16, 49k x 576: a fifth of the weights);
+  prompt, batch 1, KV cache (``generate``); then a second, hooked run of the same decode gives **lm_head share**
+  (the fraction of the decode time spent in ``lm_head``, bf16, 49k x 576: a fifth of the weights) and the
+  milliseconds per token inside ``lm_head`` and inside the decoder linears: for the int4 row, what no cut of the
+  per-token overhead can remove, hence a ceiling on its speed-up over dense fp32;
 * **greedy**: the 128 tokens against the same checkpoint dequantized (``model.dequantize()``) in the same dtype, and in
   fp32: ``equal`` or the index of the first differing token.
 
@@ -79,19 +81,33 @@ with torch.no_grad():
     resident = rss() - before  # after a forward: a memory-mapped checkpoint is resident only once its weights are read
     prompt = ids[:, :32]
     model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
-    head = [0.0]
-    def pre(module, inputs):
-        head.append(time.perf_counter())
-    def post(module, inputs, output):
-        head[0] += time.perf_counter() - head.pop()
-    hooks = [model.lm_head.register_forward_pre_hook(pre), model.lm_head.register_forward_hook(post)]
     start = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=128, min_new_tokens=128, do_sample=False)
     decode = time.perf_counter() - start
+    # a second, hooked run: seconds inside lm_head and inside the decoder linears (the kernels where converted)
+    spent = {"lm_head": 0.0, "linears": 0.0}
+    def timer(key):
+        def pre(module, inputs):
+            module._started = time.perf_counter()
+        def post(module, inputs, output):
+            spent[key] += time.perf_counter() - module._started
+        return pre, post
+    hooks = []
+    for name, module in model.named_modules():
+        key = "lm_head" if module is model.lm_head else "linears" if ".layers." in name and isinstance(
+            module, (torch.nn.Linear, IntLinear)) else None
+        if key:
+            pre, post = timer(key)
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=128, min_new_tokens=128, do_sample=False)
+    hooked = time.perf_counter() - start
     for hook in hooks:
         hook.remove()
 print(json.dumps({"load_s": load, "ttft_s": load + prefill, "prefill_tok_s": 512 / prefill,
-                  "decode_tok_s": 128 / decode, "lm_head_share": head[0] / decode, "resident_mib": resident / 2**20,
+                  "decode_tok_s": 128 / decode, "lm_head_share": spent["lm_head"] / hooked,
+                  "lm_head_ms_per_token": 1000 * spent["lm_head"] / 128,
+                  "linears_ms_per_token": 1000 * spent["linears"] / 128, "resident_mib": resident / 2**20,
                   "linears_mib": linears / 2**20, "kernel_layers": kernels, "tokens": out[0, 32:].tolist()}))
 """
 
@@ -183,13 +199,21 @@ def main() -> None:
         print(f"{r['threads']:>7} {r['row']:<40} {r['resident_mib']:8.0f} {r['linears_mib']:8.1f} {r['load_s']:7.2f} "
               f"{r['ttft_s']:7.2f} {r['prefill_tok_s']:8.0f} {r['decode_tok_s']:7.1f} {speed32:6.2f} {speedbf:6.2f} "
               f"{r['lm_head_share']:7.0%}  {greedy}")
+    ceilings = {}  # the decode speed-up over fp32 if everything but lm_head and the decoder linears took no time
+    for r in results:
+        if r["row"] == f"{int4} bfloat16":
+            fp32_ms = 1000 / dense32[r["threads"]]["decode_tok_s"]
+            ceilings[r["threads"]] = fp32_ms / (r["lm_head_ms_per_token"] + r["linears_ms_per_token"])
+            print(f"[{r['threads']} thread(s)] {r['row']}: lm_head {r['lm_head_ms_per_token']:.1f} ms + int4 kernels "
+                  f"{r['linears_ms_per_token']:.1f} ms per token against {fp32_ms:.1f} ms for a whole dense fp32 "
+                  f"token: at most {ceilings[r['threads']]:.2f} x fp32 with no other cost")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "protocol": {"prefill_tokens": PREFILL, "prompt_tokens": PROMPT, "new_tokens": NEW_TOKENS,
                      "group_size": args.group_size, "pruning": "magnitude 2:4, RTN", "when": time.ctime()},
-        "rows": results}, indent=2))
+        "rows": results, "int4_decode_ceiling_x_fp32": ceilings}, indent=2))
 
 
 if __name__ == "__main__":
