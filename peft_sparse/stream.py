@@ -152,8 +152,8 @@ def _map_large_allocations() -> None:
     glibc raises its mmap threshold to the size of each large block it frees (up to 32 MiB), so a block's weights
     and activations are soon carved from the heap, whose fragments keep the peak creeping up block after block
     (measured, Wanda on hidden-1024 Llamas: the peak anonymous memory of a block's turn went from 472 MiB at 4
-    layers to 515 at 48, in steps; with the threshold fixed at 1 MiB it stays at 379-393 MiB for all 48). This fixes
-    the threshold for the rest of the process (glibc has no way back to the sliding one)."""
+    layers to 515 at 48, in steps; with the threshold fixed at 1 MiB before the job starts it stays at 378-393 MiB
+    for all 48). This fixes the threshold for the rest of the process (glibc has no way back to the sliding one)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
@@ -321,6 +321,7 @@ class CheckpointJob:
         from .models import TOKENIZER_FILES, checkpoint_directory, load_tokenizer, missing_tokenizer
         from .prune import resolve_calibration
 
+        _map_large_allocations()  # before the skeleton and the capture: set later, their heap leftovers still grow
         directory = checkpoint_directory(str(source))
         reader = ShardReader(directory)
         model = skeleton(directory, dtype)
@@ -346,7 +347,6 @@ class CheckpointJob:
         reader = ShardReader(self.directory)
         blocks_name, blocks = find_decoder_blocks(self.model)
         rest = _outside_keys(self.model, reader, blocks_name)
-        _map_large_allocations()
         with atomic_directory(self.target) as staging:
             metadata = format_metadata(self.resolved) if self.save_format == "packed" else {}
             writer = ShardWriter(staging, len(blocks) + len(rest), metadata)
