@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
 _RUNTIME_BYTES = 1 << 30  # interpreter, torch and transformers, beside the model, for the in-memory path
 _UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a huge number
+_PIECE_BYTES = 32 << 20  # tensors copied through are read and written in pieces of about this size
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64",
                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
@@ -80,6 +81,24 @@ class ShardReader:
         with safe_open(self.files[key], "pt", device=str(device)) as handle:
             return handle.get_tensor(key)
 
+    def pieces(self, key: str, dtype: torch.dtype, piece_bytes: int = _PIECE_BYTES) -> Pieces:
+        """``key`` (floats cast to ``dtype``) as row ranges of about ``piece_bytes``, each read through its own
+        short-lived mapping: copying a large embedding through then maps one piece at a time, not all of it."""
+        path, shape = self.files[key], self.shape(key)
+        with safe_open(path, "pt") as handle:
+            stored = getattr(torch, _SAFETENSORS_DTYPES[handle.get_slice(key).get_dtype()])
+        target = dtype if stored.is_floating_point else stored
+        rows = shape[0] if shape else 1
+        step = max(1, piece_bytes // max(1, math.prod(shape[1:]) * stored.itemsize))
+
+        def read() -> Iterator[torch.Tensor]:
+            for start in range(0, rows, step):
+                with safe_open(path, "pt") as handle:
+                    piece = handle.get_slice(key)
+                    yield (piece[start : start + step] if shape else handle.get_tensor(key)).to(target)
+
+        return target, shape, read()
+
     def shape(self, key: str) -> tuple[int, ...]:
         with safe_open(self.files[key], "pt") as handle:
             return tuple(handle.get_slice(key).get_shape())
@@ -98,15 +117,23 @@ class ShardReader:
         return total
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """A safetensors file written from the tensors' own memory: ``safetensors.torch.save_file`` first copies every
-    tensor into one bytes object, which doubles the peak when a large embedding is copied through."""
+Pieces = tuple[torch.dtype, tuple[int, ...], Iterable[torch.Tensor]]
+"""A tensor to write as (dtype, shape, its contiguous row ranges in order), so a large one need not be whole."""
+
+
+def whole(tensor: torch.Tensor) -> Pieces:
+    return tensor.dtype, tuple(tensor.shape), (tensor.detach().cpu(),)
+
+
+def write_safetensors(path: Path, tensors: dict[str, Pieces], metadata: dict[str, str]) -> None:
+    """A safetensors file written piece by piece from the tensors' own memory: ``safetensors.torch.save_file``
+    first copies every tensor into one bytes object, which doubles the peak when a large embedding is copied through."""
     names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    for key, value in tensors.items():
-        size = value.numel() * value.element_size()
-        header[key] = {"dtype": names[str(value.dtype).removeprefix("torch.")], "shape": list(value.shape),
+    for key, (dtype, shape, _) in tensors.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": names[str(dtype).removeprefix("torch.")], "shape": list(shape),
                        "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -114,8 +141,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     with open(path, "wb") as out:
         out.write(len(encoded).to_bytes(8, "little"))
         out.write(encoded)
-        for value in tensors.values():
-            out.write(memoryview(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        for _, _, pieces in tensors.values():
+            for piece in pieces:
+                out.write(memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 class ShardWriter:
@@ -127,13 +155,13 @@ class ShardWriter:
         self.total_size = 0
         self.written = 0
 
-    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+    def write(self, tensors: dict[str, Pieces]) -> None:
         self.written += 1
         name = f"model-{self.written:05d}-of-{self.shards:05d}.safetensors"
         write_safetensors(self.directory / name, tensors, self.metadata)
-        for key, value in tensors.items():
+        for key, (dtype, shape, _) in tensors.items():
             self.weight_map[key] = name
-            self.total_size += value.numel() * value.element_size()
+            self.total_size += math.prod(shape) * dtype.itemsize
 
     def finish(self) -> None:
         if self.written != self.shards:
@@ -218,15 +246,15 @@ class CheckpointBlocks(engine.BlockStore):
         else:
             self.merged += merge_recovered(block)  # WRP: W_N:M + W_rec as one weight, as the CLI's dense save
             tensors = {prefix + key: value for key, value in block.state_dict().items()}
-        self.writer.write(tensors)
+        self.writer.write({key: whole(value) for key, value in tensors.items()})
         del tensors
         block.to("meta")
         _release_freed_memory()
 
     def copy_rest(self, keys: list[str]) -> None:
-        """The tensors outside the blocks, one per shard, read and written one at a time."""
+        """The tensors outside the blocks, one per shard, read and written one piece at a time."""
         for key in keys:
-            self.writer.write({key: self._read(key)})
+            self.writer.write({key: self.reader.pieces(key, self.dtype)})
 
 
 def skeleton(directory: Path, dtype: torch.dtype) -> nn.Module:
