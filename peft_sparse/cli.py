@@ -466,10 +466,10 @@ def _maybe_push(repo: str | None, directory: Path, model, config: SparsityConfig
     from huggingface_hub import HfApi
 
     from .export import model_card
+    from .export.formats import linear_sizes
 
     model_card(model, resolve_for_save(model, config, save_format), save_format, repo_id=repo,
-               task_results=task_results).save(
-        directory / "README.md")
+               task_results=task_results, sizes=linear_sizes(directory)).save(directory / "README.md")
     api = HfApi()
     api.create_repo(repo, exist_ok=True)
     api.upload_folder(repo_id=repo, folder_path=str(directory), commit_message="Upload sparse model (peft_sparse)")

@@ -37,6 +37,25 @@ assert card.data.library_name == "transformers" and "sparsity:2:4" in card.data.
 assert card.data.eval_results[0].metric_value == 12.5 and card.data.sparsity["codec"] == "b6x3"
 assert "pip install peft_sparse" in card.text and "import peft_sparse" in card.text
 assert 'AutoModelForCausalLM.from_pretrained("user/pruned")' in card.text
+import tempfile
+from peft_sparse.export.formats import linear_sizes
+def local_sizes(model):  # the same save, measured locally
+    with tempfile.TemporaryDirectory() as directory:
+        peft_sparse.save_pretrained(model, directory)
+        return linear_sizes(directory)
+sizes = local_sizes(model)
+assert card.data.sparsity["linears_bytes"] == sizes.nbytes > 0
+assert f"{sizes.ratio_to_limit:.4f} x the information limit" in card.text and "quantization:" not in card.text
+
+quantized = make_tiny_model("llama", vocab_size=128)
+peft_sparse.prune(quantized, peft_sparse.SparsityConfig(method="magnitude", pattern="2:4", bits=4, group_size=16,
+                                                        quantizer="rtn"))
+peft_sparse.push_to_hub(quantized, "user/int4")
+card = ModelCard.load("user/int4")
+sizes = local_sizes(quantized)
+assert card.data.sparsity["bits"] == 4 and card.data.sparsity["group_size"] == 16, card.data.sparsity
+assert card.data.sparsity["ratio_to_information_limit"] == round(sizes.ratio_to_limit, 6) < 1.1
+assert "quantization: int4 kept values, group size 16, symmetric, by rtn" in card.text, card.text
 
 for name, config in (("spp", peft_sparse.SPPConfig(r=4)), ("slorb", peft_sparse.SLoRBConfig(k=16))):
     base = AutoModelForCausalLM.from_pretrained("user/pruned")
@@ -94,5 +113,5 @@ def test_push_to_hub_round_trips_through_a_stub_hub(tmp_path, tiny_model_dir):
     finally:
         server.shutdown()
     assert "HUB OK" in run.stdout, run.stdout[-3000:] + run.stderr[-5000:]
-    assert dict(commits) == {"user/pruned": 1, "user/spp": 1, "user/slorb": 1, "user/trained": 1, "user/cli-pruned": 1,
-                             "user/cli-dense": 1}
+    assert dict(commits) == {"user/pruned": 1, "user/int4": 1, "user/spp": 1, "user/slorb": 1, "user/trained": 1,
+                             "user/cli-pruned": 1, "user/cli-dense": 1}

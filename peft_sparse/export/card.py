@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
@@ -20,6 +20,9 @@ from torch import nn
 from ..config import SparsityConfig
 from ..data.sources import HUB_DATASETS
 from ..modeling import out_in
+
+if TYPE_CHECKING:
+    from .formats import LinearSizes
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "sparse_model.md"  # package data
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
@@ -79,12 +82,13 @@ def model_card(model: nn.Module, config: SparsityConfig, format: str, *, base_mo
                library_name: str = "transformers", perplexity: Perplexity | None = None, calibration: str | None = None,
                extra_params: str | None = None, load_snippet: str | None = None, model_name: str | None = None,
                tags: list[str] | None = None, repo_id: str | None = None,
-               task_results: dict[str, Any] | None = None) -> ModelCard:
+               task_results: dict[str, Any] | None = None, sizes: LinearSizes | None = None) -> ModelCard:
     """The card of a sparse ``model`` (its sparse layers named by ``config.modules``) saved in ``format``.
 
     ``load_snippet`` may name ``{repo}`` (``repo_id``, else the model name) and ``{base_model}``; ``base_model``
     defaults to the model's own Hub name (a local path is left out). ``task_results`` (lm-eval's result dict from
-    ``peft_sparse.evaluate``) adds one model-index entry per task and metric."""
+    ``peft_sparse.evaluate``) adds one model-index entry per task and metric; ``sizes`` (:func:`linear_sizes` of the
+    saved directory) the measured bytes of the sparse linears, against fp32 and the information limit."""
     pattern = config.sparsity_pattern
     base_model = base_model or config.provenance.get("base_model") or getattr(model.config, "_name_or_path", None)
     base_model = base_model if base_model and not Path(base_model).exists() else None  # local paths mean nothing
@@ -102,12 +106,15 @@ def model_card(model: nn.Module, config: SparsityConfig, format: str, *, base_mo
         sparsity_block["codec"] = config.resolved_codec
     if config.method_options:
         sparsity_block["method_options"] = config.method_options
-    quantized = ""
+    quantized = group = ""
     if config.bits is not None:
         sparsity_block.update(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
                               quantizer=config.resolved_quantizer)
         group = "per channel" if config.group_size == -1 else f"group size {config.group_size}"
         quantized = f", its kept values quantized to int{config.bits} ({group}) by {config.resolved_quantizer},"
+    if sizes is not None:
+        sparsity_block.update(linears_bytes=sizes.nbytes, fraction_of_fp32=round(sizes.fraction_of_fp32, 6),
+                              ratio_to_information_limit=round(sizes.ratio_to_limit, 6))
     data = ModelCardData(
         base_model=base_model, library_name=library_name, pipeline_tag="text-generation",
         tags=["peft_sparse", "sparsity", f"sparsity:{pattern}" if pattern.is_nm else "sparsity:unstructured",
@@ -123,7 +130,9 @@ def model_card(model: nn.Module, config: SparsityConfig, format: str, *, base_mo
         codec=config.resolved_codec, pattern=str(pattern), ratio=pattern.ratio, method=config.method,
         options=", ".join(f"{k}={v}" for k, v in sorted(config.method_options.items())),
         n_modules=len(config.modules or []), per_layer=_per_layer(model, config.modules or []),
-        perplexity=perplexity, extra_params=extra_params, load_snippet=snippet, task_lines=[
+        perplexity=perplexity, extra_params=extra_params, load_snippet=snippet, bits=config.bits, group=group,
+        symmetric=config.symmetric, quantizer=config.resolved_quantizer if config.bits else None, sizes=sizes,
+        task_lines=[
             f"{e.dataset_name} {e.metric_type} {e.metric_value:.4f}" for e in eval_results if e.source_name],
         summary=f"{base_model or 'A causal LM'} made {pattern} sparse with {config.method}{quantized} by peft_sparse.",
     )

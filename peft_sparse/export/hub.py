@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import SparsityConfig
 from .card import Perplexity, model_card
-from .formats import resolve_for_save, save_pretrained, sparsity_config_of
+from .formats import linear_sizes, resolve_for_save, save_pretrained, sparsity_config_of
 
 
 def _stage(obj: Any, directory: Path, format: str | None, config: SparsityConfig | None, tokenizer: Any,
@@ -54,7 +54,8 @@ def _stage(obj: Any, directory: Path, format: str | None, config: SparsityConfig
         config = config or sparsity_config_of(obj)
         save_pretrained(obj, directory, format, config=config, tokenizer=tokenizer)
         resolved = resolve_for_save(obj, config, format or config.resolved_format)
-        card = model_card(obj, resolved, resolved.format, perplexity=perplexity, **card_kwargs)
+        card = model_card(obj, resolved, resolved.format, perplexity=perplexity, sizes=linear_sizes(directory),
+                          **card_kwargs)
     card.save(directory / "README.md")
 
 
