@@ -26,6 +26,9 @@ flip-rate plot next to it. The README's AST table (one process per start, one th
     python bench/train.py --threads 1 --timing-steps 0 --skip-dense-eval --cache-dir /tmp/ast/cache \
         --runs magnitude:frozen,magnitude:naive:gradient,magnitude:naive:step,magnitude:naive:update,magnitude:boosted \
         --out bench/results/train_magnitude.json
+
+``--save-dir DIR`` keeps each scored run's finalized model in ``DIR/START-MODE[-PLACEMENT[-LAMBDA]]`` (the AST-Boosted
+SLoRB adapter in its ``slorb/``), which ``bench/zeroshot.py --checkpoint`` evaluates.
 """
 
 from __future__ import annotations
@@ -113,6 +116,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--measure-trainer", choices=sorted(TRAINERS), help=argparse.SUPPRESS)  # one, then exit
     parser.add_argument("--skip-dense-eval", action="store_true")
     parser.add_argument("--cache-dir", type=Path, help="keep/reuse the one-shot starting points here")
+    parser.add_argument("--save-dir", type=Path,
+                        help="save each run's finalized model (and tokenizer) to SAVE_DIR/START-MODE[...]; a boosted "
+                             "run's SLoRB adapter goes to its slorb/ (for bench/zeroshot.py --checkpoint)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
     args = parser.parse_args()
     try:
@@ -174,16 +180,21 @@ def train_run(name: str, run: Run, start, dense, tokenizer, dataset, args, score
     """Train a copy of ``start`` as ``run`` (``settings`` override the shared arguments); evaluate if ``score``."""
     overrides = run.settings(args)
     student = trainable_copy(start)
+    saved = args.save_dir / name.replace(":", "-") if args.save_dir and score else None
     with tempfile.TemporaryDirectory() as tmp:
         trainer = SparseTrainer(model=student, args=sparse_arguments(tmp, args, **overrides, **settings), teacher=dense,
                                 train_dataset=dataset)
         began = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - began
-        trainer.finalize()  # evaluate the hard-pruned, exactly 2:4 model
+        trainer.finalize(saved)  # evaluate the hard-pruned, exactly 2:4 model (the base in saved/, SLoRB in slorb/)
+    if saved is not None:
+        tokenizer.save_pretrained(saved)
     flips = [row for row in trainer.state.log_history if "flip_rate" in row]
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     result = dict(train_seconds=round(seconds, 1), losses=losses, flips=flips, settings={**overrides, **settings})
+    if saved is not None:
+        result["saved"] = str(saved)
     if score:
         result["ppl"] = evaluate(trainer.model, tokenizer, args)
         logger.info("%s: ppl %.2f (%.0f s)", name, result["ppl"], seconds)

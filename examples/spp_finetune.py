@@ -1,12 +1,15 @@
 """SPP recovery of a 2:4 Wanda-pruned SmolLM2-135M on CPU, merged back into an exact 2:4 model.
 
 Steps: load SmolLM2-135M (offline cache), optionally the dense WikiText-2 perplexity, Wanda 2:4 prune (C4
-calibration), perplexity of the pruned model, SPP (r=16 on q,k,v,o,gate,up,down) trained with ``transformers.Trainer``
-on C4 windows drawn with another seed, ``merge_and_unload``, check every pruned layer is exactly 2:4, perplexity
-again. Perplexity follows the benchmark protocol: 512-token windows, the first 64 of WikiText-2 test.
+calibration; ``--method sparsegpt`` prunes with SparseGPT instead), perplexity of the pruned model, SPP (r=16 on
+q,k,v,o,gate,up,down) trained with ``transformers.Trainer`` on C4 windows drawn with another seed,
+``merge_and_unload``, check every pruned layer is exactly 2:4, perplexity again; ``--save-dir`` saves the merged
+model. Perplexity follows the benchmark protocol: 512-token windows, the first 64 of WikiText-2 test.
 
     python examples/spp_finetune.py                  # full run for the README (sized for ~30 min on 2 idle cores)
     python examples/spp_finetune.py --steps 2 --batch 1 --eval-windows 2 --nsamples 4   # smoke test
+    python examples/spp_finetune.py --method sparsegpt --save-dir /tmp/spp-sparsegpt \
+        --out bench/results/spp_finetune_sparsegpt.json   # the zero-shot table's row (bench/zeroshot.py --checkpoint)
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", help="local model dir or .gguf (default: the cached SmolLM2-135M-Instruct)")
     parser.add_argument("--c4", default=str(C4), help="C4 jsonl for calibration and training windows")
     parser.add_argument("--eval-data", default=str(WIKITEXT), help="evaluation text (WikiText-2 test)")
-    parser.add_argument("--nsamples", type=int, default=32, help="Wanda calibration windows")
+    parser.add_argument("--method", default="wanda", choices=("wanda", "sparsegpt", "magnitude"),
+                        help="one-shot 2:4 pruning before SPP (default wanda)")
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="SPP optimizer steps")
@@ -50,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dense", action="store_true", help="also evaluate the dense model (one more eval pass)")
     results = Path(__file__).resolve().parents[1] / "bench" / "results"
     parser.add_argument("--out", default=str(results / "spp_finetune.json"))
+    parser.add_argument("--save-dir", help="save the merged 2:4 model and its tokenizer here (save_pretrained)")
     return parser.parse_args()
 
 
@@ -92,18 +98,24 @@ def main() -> None:
     results: dict = {"setup": vars(args)}
     if args.dense:
         results["ppl_dense"] = evaluate(model, tokenizer, args)
-    sparsity = peft_sparse.SparsityConfig(method="wanda", pattern="2:4", nsamples=args.nsamples, seqlen=args.seqlen)
-    peft_sparse.prune(model, sparsity, calibration=args.c4, tokenizer=tokenizer)
+    sparsity = peft_sparse.SparsityConfig(method=args.method, pattern="2:4", nsamples=args.nsamples,
+                                          seqlen=args.seqlen)
+    peft_sparse.prune(model, sparsity, calibration=args.c4 if sparsity.needs_calibration else None,
+                      tokenizer=tokenizer)
     results["ppl_pruned"] = evaluate(model, tokenizer, args)
     peft_model, results["train_seconds"] = train_spp(model, tokenizer, args)
     merged = peft_model.merge_and_unload()
     results["layers_exact_24"] = check_24(merged)
     results["ppl_spp_merged"] = evaluate(merged, tokenizer, args)
-    rows = [("dense", results.get("ppl_dense")), ("Wanda 2:4", results["ppl_pruned"]),
-            ("Wanda 2:4 + SPP (merged)", results["ppl_spp_merged"])]
-    print(f"\n{'model':<26} {'WikiText-2 ppl':>14}")
+    if args.save_dir:
+        merged.save_pretrained(args.save_dir)
+        tokenizer.save_pretrained(args.save_dir)
+    pruned = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "magnitude": "magnitude"}[args.method] + " 2:4"
+    rows = [("dense", results.get("ppl_dense")), (pruned, results["ppl_pruned"]),
+            (f"{pruned} + SPP (merged)", results["ppl_spp_merged"])]
+    print(f"\n{'model':<30} {'WikiText-2 ppl':>14}")
     for label, value in rows:
-        print(f"{label:<26} {'-' if value is None else round(value, 3):>14}")
+        print(f"{label:<30} {'-' if value is None else round(value, 3):>14}")
     print(f"{results['layers_exact_24']} projections exactly 2:4 after merge; "
           f"SPP training {results['train_seconds']:.0f} s")
     Path(args.out).write_text(json.dumps(results, indent=2))

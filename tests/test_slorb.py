@@ -275,3 +275,16 @@ def test_stored_projection_round_trips_through_save_and_load(tmp_path, trainable
     assert torch.equal(_gate(reloaded).slorb_X["default"], _gate(model).slorb_X["default"])
     assert _gate(reloaded).slorb_X["default"].requires_grad is trainable_projection
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("init", ["mean", "zero"])
+def test_saved_adapter_passes_check_adapter_on_a_meta_skeleton(tmp_path, init):
+    """``peft-sparse eval --adapter`` attaches the adapter to a meta copy first: the mean init must not read data."""
+    from peft_sparse.models import check_adapter
+
+    model = get_peft_model(tiny_llama(pruned=False), SLoRBConfig(k=K, init=init))
+    model.save_pretrained(tmp_path)
+    check_adapter(tmp_path, model.get_base_model().config)  # raises on any mismatch
+    with torch.device("meta"):
+        S = _gate(get_peft_model(tiny_llama(pruned=False), SLoRBConfig(k=K, init=init))).slorb_S["default"]
+    assert S.is_meta and S.shape == _gate(model).slorb_S["default"].shape

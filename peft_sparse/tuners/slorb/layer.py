@@ -40,9 +40,11 @@ def slorb_dense_delta(S: torch.Tensor, k: int, X: torch.Tensor | None = None) ->
 
 def slorb_init(weight: torch.Tensor, mask: torch.Tensor, k: int, init: str) -> torch.Tensor:
     """Initial S in float32: the mean of the pruned weights per group for ``"mean"``, else zero (the paper's Xavier
-    goes on X, so ``"zero"`` and ``"xavier"`` both leave the output unchanged at step 0)."""
+    goes on X, so ``"zero"`` and ``"xavier"`` both leave the output unchanged at step 0). A weight on ``meta`` (an
+    adapter attached to a skeleton, as ``check_adapter`` does) gets an S on ``meta``: there is nothing to copy."""
     if init == "mean":
-        return slorb_mean_init(weight.float(), mask, k).cpu()
+        S = slorb_mean_init(weight.float(), mask, k)
+        return S if S.is_meta else S.cpu()
     return torch.zeros(weight.shape[0], weight.shape[1] // k)
 
 
