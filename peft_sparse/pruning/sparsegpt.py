@@ -257,15 +257,16 @@ def quantize_with_inverse(
 
     Scales are fitted per group of G dense columns on the **updated** kept weights at the group's start, the group
     then swept column by column (Babai's nearest plane: ``t_j = Q(w_j)``, ``e_j = (w_j - t_j) / U_jj``), the
-    errors propagated as in SparseGPT (lazy blocks). On SmolLM2-135M layers a fit on all of the group's values gave
-    the same output error as the provisional mask's (the largest values are nearly always kept). The references
-    differ: IST-DASLab/sparsegpt ``--wbits`` fits one per-channel
-    asymmetric min/max grid (``Quantizer.find_params``, no groups) on the whole dense weight before the sweep,
-    before pruning and before dead inputs are zeroed, so pruned weights shape the range, then chooses each
-    M-group's mask every M columns on the updated weights, as here, and rounds the pruned entries' zeros (0 is on
-    its grid); IST-DASLab/gptq ``--groupsize`` refits at group start from ``W`` (missing the in-block updates of
-    a group starting mid-block) and ``--static-groups`` fits every group up front on the original weights. Ours
-    fits on what is actually quantized: the updated kept values.
+    errors propagated as in SparseGPT (lazy blocks); the largest values are nearly always kept, so the provisional
+    mask rarely narrows the range that the final masks need.
+
+    The references differ: IST-DASLab/sparsegpt ``--wbits`` fits one per-channel asymmetric min/max grid
+    (``Quantizer.find_params``, no groups) on the whole dense weight before the sweep, before pruning and before
+    dead inputs are zeroed, so pruned weights shape the range; it then chooses each M-group's mask every M columns
+    on the updated weights, as here, and rounds the pruned entries' zeros (0 is on its grid). IST-DASLab/gptq
+    ``--groupsize`` refits at group start from ``W`` (missing the in-block updates of a group starting mid-block)
+    and ``--static-groups`` fits every group up front on the original weights. Ours fits on what is actually
+    quantized: the updated kept values.
     """
     if (keep is None) == (pattern is None):
         raise ValueError("Give exactly one of keep (a fixed mask) or pattern (masks chosen in the sweep).")
