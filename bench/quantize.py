@@ -5,7 +5,8 @@ WikiText-2 perplexity over the first 64 windows of 512 tokens. Every row runs in
 from the converted cache); per row: perplexity, seconds of the prune / quantize call, decoder sparsity. Rows:
 
 * dense fp32; dense int4 by RTN, GPTQ and AWQ (``peft_sparse.quantize`` with ``sparsity=0.0``);
-* SparseGPT 2:4; 2:4 + int8 joint; 2:4 + int4 by RTN after pruning, GPTQ after pruning, joint, AWQ after;
+* SparseGPT 2:4 (and with blocksize 64: the same arithmetic up to float rounding, the ppl's noise floor); 2:4 +
+  int8 joint; 2:4 + int4 by RTN after pruning, GPTQ after pruning, joint, AWQ after;
 * with ``--sparsegpt-repo``: the public IST-DASLab/sparsegpt joint mode (``--wbits 4``: one per-channel asymmetric
   grid fitted on the dense weight) through ``bench/reference_oneshot.py``, on the same windows.
 
@@ -49,6 +50,8 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense int4 GPTQ": ("quantize", {**DENSE, "bits": 4, "quantizer": "gptq"}),
     "dense int4 AWQ": ("quantize", {**DENSE, "bits": 4, **AWQ}),
     "SparseGPT 2:4": ("prune", SPARSEGPT_24),
+    # the same arithmetic up to float rounding (blocks of 64 columns, not 128): how far one seed's ppl moves by itself
+    "SparseGPT 2:4 blocksize 64": ("prune", {**SPARSEGPT_24, "method_options": {"blocksize": 64}}),
     "SparseGPT 2:4 + int8 joint": ("prune", {**SPARSEGPT_24, "bits": 8}),
     "SparseGPT 2:4 + int4 joint": ("prune", {**SPARSEGPT_24, "bits": 4}),
     "SparseGPT 2:4 + int4 RTN after": ("prune", {**SPARSEGPT_24, "bits": 4, "quantizer": "rtn"}),

@@ -47,8 +47,10 @@ def slow_round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme:
 
 
 def slow_obs_quantize(w, h, scheme: QuantScheme, keep=None, pattern=None, percdamp=0.01, dtype=torch.float64):
-    """The design note's sweep, literally: no blocks (every error goes straight to all later columns), one column at a
-    time; at each group start the group's mask (joint) and its grid are fitted on the updated weights."""
+    """The joint sweep, literally: no blocks (every error goes straight to all later columns), one column at a time.
+    At each group start the group's grid is fitted on the updated weights kept by a provisional mask of the group
+    (joint; the fixed mask for gptq); an N:M mask is then chosen again at each M-group start on the updated weights,
+    an unstructured one stays the group's."""
     w, h = w.clone().to(dtype), h.clone().to(dtype)
     rows, cols = w.shape
     dead = torch.diag(h) == 0
@@ -65,6 +67,9 @@ def slow_obs_quantize(w, h, scheme: QuantScheme, keep=None, pattern=None, percda
             if pattern is not None:
                 keep[:, group] = slow_group_mask(w[:, group] ** 2 / torch.diag(u)[group] ** 2, pattern)
             scale, zero = slow_grid(w[:, group], keep[:, group], scheme)
+        if pattern is not None and pattern.is_nm and i % pattern.m == 0:
+            group = slice(i, i + pattern.m)
+            keep[:, group] = slow_scores_mask(w[:, group] ** 2 / torch.diag(u)[group] ** 2, pattern)
         target = torch.where(keep[:, i], slow_round(w[:, i], scale, zero, scheme), torch.zeros((), dtype=dtype))
         error = (w[:, i] - target) / u[i, i]
         w[:, i:] -= error[:, None] * u[i, i:][None, :]
@@ -98,6 +103,8 @@ CASES = [  # pattern or None (gptq: the mask of a SparseGPT prune, fixed), schem
     ("2:4", QuantScheme(8, 16, symmetric=False), 64, 64),
     ("0.5", QuantScheme(4, 32), 64, 128),
     ("2:4", QuantScheme(4, 24), 48, 16),  # groups not aligned with blocks: every group start is a block start
+    ("8:16", QuantScheme(4, 32), 64, 32),  # an M-group spanning chunks of the sweep
+    ("3:6", QuantScheme(4, 24), 48, 24),  # M neither dividing nor a multiple of the chunk: chunks of gcd(M, 8)
     (None, QuantScheme(4, 16), 64, 32),
     (None, QuantScheme(4, 16, symmetric=False), 64, 16),
 ]

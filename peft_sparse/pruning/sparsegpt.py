@@ -205,19 +205,33 @@ def _sweep_bounds(columns: int, blocksize: int, width: int) -> list[int]:
     return sorted(set(range(0, columns, blocksize)) | set(range(0, columns, width)) | {columns})
 
 
+def _chunk_width(m: int) -> int:
+    """Columns per chunk of the quantized sweep of an N:M pattern: every M-group starts at a chunk start or lies
+    inside one chunk, so its columns have received every earlier error when its mask is chosen."""
+    return _CHUNK if _CHUNK % m == 0 else math.gcd(m, _CHUNK)
+
+
 def _quantize_block(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor,
-                    zero: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
+                    zero: torch.Tensor | None, scheme: QuantScheme, pattern: SparsityPattern | None = None
+                    ) -> torch.Tensor:
     """The GPTQ recursion over one block ``w`` (rows, B) of a single group, in place; returns the errors.
 
     Column j's target is its kept value rounded onto the group's grid (0 where pruned); the error
-    ``(w_j - t_j) / U_jj`` is spread over the later columns: rank-1 inside a chunk of ``_CHUNK`` columns, one
+    ``(w_j - t_j) / U_jj`` is spread over the later columns: rank-1 inside a chunk of ``_CHUNK`` columns (fewer for
+    an M neither dividing nor a multiple of it, see :func:`_chunk_width`), one
     ``addmm`` for the rest of the block (the same arithmetic as the reference's per-column ``W1[:, i:]`` update,
-    in cache-sized pieces).
+    in cache-sized pieces). With an N:M ``pattern`` each M-group's mask is chosen at its first column from
+    ``w^2 / U_jj^2`` on the fully updated weights, as SparseGPT does (the block starts on an M-group start).
     """
+    step = _CHUNK if pattern is None else _chunk_width(pattern.m)
+    saliency_scale = u.diagonal().square()
     errors = torch.empty_like(w)
-    for c1 in range(0, w.shape[1], _CHUNK):
-        c2 = min(c1 + _CHUNK, w.shape[1])
+    for c1 in range(0, w.shape[1], step):
+        c2 = min(c1 + step, w.shape[1])
         for j in range(c1, c2):
+            if pattern is not None and j % pattern.m == 0:  # inside the chunk or at its start: fully updated
+                group = slice(j, j + pattern.m)
+                keep[:, group] = nm_mask(w[:, group].square() / saliency_scale[group], pattern.n, pattern.m)
             column = w[:, j : j + 1]
             target = fake_quantize(column, keep[:, j : j + 1], scale, zero, scheme)
             errors[:, j : j + 1] = (column - target) / u[j, j]
@@ -234,18 +248,25 @@ def quantize_with_inverse(
     """The OBS/GPTQ sweep onto ``scheme``'s grid: ``(weight on the grid, keep, scale, zero)`` of an (out, in) weight.
 
     * ``keep`` given (``gptq`` on an already-sparse weight): the mask is fixed, pruned columns are forced to 0;
-    * ``pattern`` given (``joint``): at each group start the group's mask is chosen from ``w^2 / U_jj^2`` on the
-      updated weights (N:M per M columns, or the group's lowest scores for unstructured), as the design note's
-      joint sweep does. Without bits SparseGPT chooses an N:M mask at each M-group start instead
-      (:func:`prune_with_inverse`, unchanged); the grid's scale needs the whole group's kept values up front.
+    * ``pattern`` given (``joint``): the masks are chosen in the sweep from ``w^2 / U_jj^2`` on the updated weights.
+      N:M: each M-group's mask at its first column, once every earlier error has reached it, as SparseGPT does
+      without bits (:func:`prune_with_inverse`); the grid's scale needs the group's kept values before its first
+      column, so at each group start a provisional N:M mask of the whole group (same score, same weights) is
+      chosen for the fit only. Unstructured: the group's lowest scores at the group start (one threshold per
+      group, as SparseGPT's per block), fixed for the group.
 
     Scales are fitted per group of G dense columns on the **updated** kept weights at the group's start, the group
     then swept column by column (Babai's nearest plane: ``t_j = Q(w_j)``, ``e_j = (w_j - t_j) / U_jj``), the
-    errors propagated as in SparseGPT (lazy blocks). The references differ: IST-DASLab/sparsegpt ``--wbits`` fits
-    one per-channel asymmetric grid on the dense weight before pruning, so pruned weights shape the range;
-    IST-DASLab/gptq ``--groupsize`` refits at group start from ``W`` (missing the in-block updates of a group
-    starting mid-block) and ``--static-groups`` fits every group up front on the original weights. Ours fits on
-    what is actually quantized: the updated kept values.
+    errors propagated as in SparseGPT (lazy blocks); the largest values are nearly always kept, so the provisional
+    mask rarely narrows the range that the final masks need.
+
+    The references differ: IST-DASLab/sparsegpt ``--wbits`` fits one per-channel asymmetric min/max grid
+    (``Quantizer.find_params``, no groups) on the whole dense weight before the sweep, before pruning and before
+    dead inputs are zeroed, so pruned weights shape the range; it then chooses each M-group's mask every M columns
+    on the updated weights, as here, and rounds the pruned entries' zeros (0 is on its grid). IST-DASLab/gptq
+    ``--groupsize`` refits at group start from ``W`` (missing the in-block updates of a group starting mid-block)
+    and ``--static-groups`` fits every group up front on the original weights. Ours fits on what is actually
+    quantized: the updated kept values.
     """
     if (keep is None) == (pattern is None):
         raise ValueError("Give exactly one of keep (a fixed mask) or pattern (masks chosen in the sweep).")
@@ -257,6 +278,7 @@ def quantize_with_inverse(
     scale = w.new_empty(rows, columns // width)
     zero = None if scheme.symmetric else torch.empty_like(scale)
     saliency_scale = hinv.diagonal().square()
+    remask = pattern if pattern is not None and pattern.is_nm else None  # N:M masks re-chosen per M-group
     bounds = _sweep_bounds(columns, blocksize, width)
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
         g = i1 // width
@@ -271,7 +293,7 @@ def quantize_with_inverse(
             if zero is not None:
                 zero[:, g : g + 1] = fitted_zero
         errors = _quantize_block(w[:, i1:i2], hinv[i1:i2, i1:i2], keep[:, i1:i2], scale[:, g : g + 1],
-                                 None if zero is None else zero[:, g : g + 1], scheme)
+                                 None if zero is None else zero[:, g : g + 1], scheme, remask)
         w[:, i2:].addmm_(errors, hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the later columns
     return w, keep, scale, zero
 
