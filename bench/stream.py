@@ -16,8 +16,10 @@ each exit status and the cgroup's OOM-kill count are reported. ``--smollm2`` che
 cache of ``peft_sparse.smollm2()``) streamed == in memory.
 
     python bench/stream.py [--layers 4 8 24 48] [--cap-layers 24] [--big] [--smollm2] [--work /tmp/stream-bench]
+    python bench/stream.py --time-pairs 3 --layers 24 --methods wanda --output bench/results/stream_time.json
 
-Timings are noisy on a shared machine: say so next to them.
+Timings are noisy on a shared machine: the table's seconds are one run per path; ``--time-pairs`` alternates the two
+paths several times (run it on a quiet machine).
 """
 
 from __future__ import annotations
@@ -246,6 +248,9 @@ def main() -> None:
     parser.add_argument("--sparsegpt-max-layers", type=int, default=48, help="skip deeper SparseGPT rows (time)")
     parser.add_argument("--big", type=int, default=0, metavar="LAYERS", help="also a hidden-2048 model (20: 4.2 GiB)")
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M streamed == in memory")
+    parser.add_argument("--time-pairs", type=int, default=0, metavar="ROUNDS",
+                        help="only time streamed vs in-memory, alternated ROUNDS times per depth and method (quiet "
+                             "machine), into --output")
     parser.add_argument("--work", default="/tmp/stream-bench")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "stream.json"))
     args = parser.parse_args()
@@ -254,6 +259,12 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.time_pairs:
+        pairs = [time_pairs(work, layers, method, args.time_pairs) for method in args.methods for layers in args.layers]
+        Path(args.output).write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                                                             "load_average": os.getloadavg()}, "pairs": pairs},
+                                                indent=1) + "\n")
+        return
     payload = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                            "note": "shared machine: other jobs ran at the same time, timings are noisy"},
                "calibration": {"nsamples": NSAMPLES, "seqlen": SEQLEN, "ids": "uniform random, seed 0"},
@@ -299,6 +310,21 @@ def measure_row(work: Path, name: str, layers: int, shape: dict, method: str) ->
     row["floor_mib"] = floor_mib(shape, method)
     shutil.rmtree(work / f"{name}-{method}-memory", ignore_errors=True)
     return row
+
+
+def time_pairs(work: Path, layers: int, method: str, rounds: int) -> dict:
+    """The worker's own seconds (load, prune, save) of both paths, alternated so that drift hits both alike."""
+    source = work / f"llama-{layers}"
+    make_checkpoint(source, layers, HIDDEN)
+    seconds: dict[str, list[float]] = {"stream": [], "memory": []}
+    for round_ in range(rounds):
+        for path in ("stream", "memory") if round_ % 2 == 0 else ("memory", "stream"):
+            seconds[path].append(run_worker(path, source, work / f"pair-{path}", method)["seconds"])
+            shutil.rmtree(work / f"pair-{path}", ignore_errors=True)
+    ratios = [a / b for a, b in zip(seconds["stream"], seconds["memory"])]
+    print(layers, method, seconds, flush=True)
+    return {"layers": layers, "method": method, "rounds": rounds, **seconds, "ratios": ratios,
+            "median_ratio": sorted(ratios)[len(ratios) // 2]}
 
 
 def capped_run(work: Path, layers: int, fraction: float) -> dict:
