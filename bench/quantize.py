@@ -59,6 +59,11 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "SparseGPT 2:4 + int4 AWQ after": ("prune", {**SPARSEGPT_24, "bits": 4, **AWQ}),
     "reference SparseGPT 2:4 --wbits 4": ("reference", {"wbits": 4}),
 }
+# the pattern table (AST Table 1): SparseGPT with joint int4 for each N:M and unstructured 50%
+PATTERNS = ("1:2", "2:4", "4:8", "8:16", "16:32", "32:64", "unstructured 50%")
+ROWS.update({f"SparseGPT {p} + int4 joint (pattern table)": (
+    "prune", {"method": "sparsegpt", "bits": 4, **({"sparsity": 0.5} if p.startswith("unstructured") else
+                                                   {"pattern": p})}) for p in PATTERNS})
 
 
 @dataclass
