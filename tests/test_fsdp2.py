@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_ddp_training import (  # noqa: E402
     PATTERN,
     TORCHRUN,
-    fsdp_reference,
+    assert_ranks_match_reference,
     fsdp_steps,
     launch_two_ranks,
     sparse_tiny_llama,
@@ -28,7 +28,6 @@ from test_ddp_training import (  # noqa: E402
 from test_training import TokenDataset, make_args, tiny_llama  # noqa: E402
 
 from peft_sparse import SparseTrainer  # noqa: E402
-from peft_sparse.sparsity import follows_nm  # noqa: E402
 from peft_sparse.training import attach_sparse_layers, finalize_sparse_layers, mask_state_dict  # noqa: E402
 
 
@@ -76,15 +75,7 @@ def fsdp2_worker(out: str) -> None:
 def test_fsdp2_fully_shard_matches_single_process_and_round_trips_through_dcp(tmp_path):
     launch_two_ranks(TORCHRUN, __file__, str(tmp_path))
     ranks = [torch.load(tmp_path / f"fsdp2-rank{r}.pt") for r in range(2)]
-    expected = fsdp_reference()
-    mask_keys = [key for key in expected if key.endswith("sparse_mask")]
-    assert mask_keys and all(follows_nm(ranks[0][key.replace("sparse_mask", "weight")], 2, 4) for key in mask_keys)
-    for key, value in expected.items():
-        assert torch.equal(ranks[0][key], ranks[1][key]), key
-        if key.endswith("sparse_mask"):
-            assert torch.equal(ranks[0][key], value), key
-        else:
-            torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-5)
+    assert_ranks_match_reference(ranks)
     for rank in range(2):  # the DCP round trip restores weights and masks exactly: same finalized model
         restored = torch.load(tmp_path / f"restored-rank{rank}.pt")
         assert restored.keys() == {k for k in ranks[rank] if not k.endswith("sparse_mask")}
