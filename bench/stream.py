@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -145,9 +146,12 @@ def worker(path: str, source: str, output: str, method: str) -> None:
         peft_sparse.prune(model, config, calibration=ids)
         peft_sparse.save_pretrained(model, output, format="packed")
     seconds = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # the whole process: imports included, the same for both paths
     final = status()
     final["VmHWM"] = max(final["VmHWM"], earlier_peak[0])
-    print(json.dumps({"seconds": round(seconds, 2), "runtime_rss_mib": runtime["VmRSS"], **final,
+    print(json.dumps({"seconds": round(seconds, 2), "user_s": round(usage.ru_utime, 2),
+                      "sys_s": round(usage.ru_stime, 2), "minor_faults": usage.ru_minflt,
+                      "runtime_rss_mib": runtime["VmRSS"], **final,
                       "rss_anon_per_block": per_block, "peak_rss_per_block": peak_per_block}), flush=True)
 
 
@@ -317,14 +321,17 @@ def time_pairs(work: Path, layers: int, method: str, rounds: int) -> dict:
     source = work / f"llama-{layers}"
     make_checkpoint(source, layers, HIDDEN)
     seconds: dict[str, list[float]] = {"stream": [], "memory": []}
+    usage: dict[str, list[dict]] = {"stream": [], "memory": []}
     for round_ in range(rounds):
         for path in ("stream", "memory") if round_ % 2 == 0 else ("memory", "stream"):
-            seconds[path].append(run_worker(path, source, work / f"pair-{path}", method)["seconds"])
+            result = run_worker(path, source, work / f"pair-{path}", method)
+            seconds[path].append(result["seconds"])
+            usage[path].append({key: result[key] for key in ("user_s", "sys_s", "minor_faults", "VmHWM")})
             shutil.rmtree(work / f"pair-{path}", ignore_errors=True)
     ratios = [a / b for a, b in zip(seconds["stream"], seconds["memory"])]
     print(layers, method, seconds, flush=True)
     return {"layers": layers, "method": method, "rounds": rounds, **seconds, "ratios": ratios,
-            "median_ratio": sorted(ratios)[len(ratios) // 2]}
+            "median_ratio": sorted(ratios)[len(ratios) // 2], "usage": usage}
 
 
 def capped_run(work: Path, layers: int, fraction: float) -> dict:

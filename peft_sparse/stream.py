@@ -171,19 +171,26 @@ class ShardWriter:
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-_MMAP_THRESHOLD_BYTES = 1 << 20
+_CAPTURE_MMAP_BYTES = 1 << 20  # skeleton and capture: every allocation of 1 MiB or more gets its own mapping
+_BLOCK_MMAP_BYTES = 16 << 20  # a block's turn: its working tensors below 16 MiB come from the reused heap
 
 
-def _map_large_allocations() -> None:
-    """Serve every allocation of 1 MiB or more from its own mapping, returned to the system when freed.
+def _mmap_threshold(size: int) -> None:
+    """Serve allocations of ``size`` bytes or more from their own mappings, returned to the system when freed.
 
-    glibc raises its mmap threshold to the size of each large block it frees (up to 32 MiB), so a block's weights
-    and activations are soon carved from the heap, whose fragments keep the peak creeping up block after block
-    (measured, Wanda on hidden-1024 Llamas: the peak anonymous memory of a block's turn went from 472 MiB at 4
-    layers to 515 at 48, in steps; with the threshold fixed at 1 MiB before the job starts it stays at 378-393 MiB
-    for all 48). This fixes the threshold for the rest of the process (glibc has no way back to the sliding one)."""
+    glibc otherwise slides the threshold up to the size of each large block it frees (up to 32 MiB). Set once,
+    it stays fixed for the rest of the process (glibc has no way back to the sliding one). Two settings, measured
+    on hidden-1024 Llamas (``bench/stream.py``):
+
+    * 1 MiB for the whole job keeps the peak flat (554 -> 563 MiB from 4 to 48 blocks, Wanda) but every large
+      temporary of every block is a fresh mapping faulted in page by page: 1.7 M page faults on 8 blocks against
+      0.6 M in memory, 1.21 x the in-memory wall time;
+    * 16 MiB during the blocks lets their working tensors (activations, the weight-sized temporaries of the
+      pruners) reuse heap pages as the in-memory path does: 1.0 M faults. The heap then holds nothing that outlives
+      a block (:meth:`CheckpointBlocks.inputs`), and it is trimmed after each (:func:`_release_freed_memory`).
+    """
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, size)
 
 
 def _release_freed_memory() -> None:
@@ -207,6 +214,17 @@ class CheckpointBlocks(engine.BlockStore):
         self.blocks_name, _ = find_decoder_blocks(model)
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.merged = 0  # WRP recover matrices added into dense weights
+
+    def inputs(self, batches: list[engine.Batch] | None, device: torch.device) -> list[engine.Batch] | None:
+        """On CPU, the hidden states copied into their own mappings: the previous block's pass 2 left them on the
+        heap between its temporaries, where they would pin the heap's pages through this block's turn."""
+        batches = engine.BlockStore.inputs(self, batches, device)
+        if batches is None or device.type != "cpu":
+            return batches
+        _mmap_threshold(_CAPTURE_MMAP_BYTES)
+        moved = [engine.Batch(batch.hidden.clone(), batch.calls) for batch in batches]
+        _mmap_threshold(_BLOCK_MMAP_BYTES)
+        return moved
 
     def _read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
         tensor = self.reader.get(key, device)
@@ -349,7 +367,8 @@ class CheckpointJob:
         from .models import TOKENIZER_FILES, checkpoint_directory, load_tokenizer, missing_tokenizer
         from .prune import resolve_calibration
 
-        _map_large_allocations()  # before the skeleton and the capture: set later, their heap leftovers still grow
+        _mmap_threshold(_CAPTURE_MMAP_BYTES)  # before the skeleton and the capture: set later, their heap
+        # leftovers pin the heap
         directory = checkpoint_directory(str(source))
         reader = ShardReader(directory)
         model = skeleton(directory, dtype)

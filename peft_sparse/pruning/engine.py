@@ -379,6 +379,10 @@ class BlockStore:
         """The modules before the first block are usable for the duration (here: always)."""
         yield
 
+    def inputs(self, batches: list[Batch] | None, device: torch.device) -> list[Batch] | None:
+        """Block inputs for the block about to run on ``device`` (the store decides where their memory lives)."""
+        return _batches_to(batches, device)
+
     @contextlib.contextmanager
     def visit(self, index: int, block: nn.Module) -> Iterator[torch.device]:
         """Yield the device block ``index`` runs on; with ``offload`` it visits the GPU for the duration."""
@@ -449,7 +453,7 @@ def run(
                 batches = None if calibration is None else capture_inputs(model, plan.blocks, calibration)
             for index, block in enumerate(tqdm(plan.blocks, desc=f"{pruner.name} {pattern}", unit="block")):
                 with store.visit(index, block) as device:
-                    batches = _batches_to(batches, device)
+                    batches = store.inputs(batches, device)
                     report.layers += prune_block(block, plan.targets[index], pruner, batches, device, config.scheme)
                     if batches is not None and index + 1 < len(plan.blocks):
                         batches = forward_block(block, batches)  # pass 2: the pruned block feeds the next
