@@ -7,6 +7,8 @@ from the converted cache); per row: perplexity, seconds of the prune / quantize 
 * dense fp32; dense int4 by RTN, GPTQ and AWQ (``peft_sparse.quantize`` with ``sparsity=0.0``);
 * SparseGPT 2:4 (and with blocksize 64: the same arithmetic up to float rounding, the ppl's noise floor); 2:4 +
   int8 joint; 2:4 + int4 by RTN after pruning, GPTQ after pruning, joint, AWQ after;
+* with ``--ast-checkpoint DIR`` (a run saved by ``bench/train.py --save-dir``): that retrained 2:4 model, alone and
+  with int4 by RTN, GPTQ and AWQ of its kept values (``peft_sparse.quantize``, its mask kept);
 * with ``--sparsegpt-repo``: the public IST-DASLab/sparsegpt joint mode (``--wbits 4``: one per-channel asymmetric
   grid fitted on the dense weight) through ``bench/reference_oneshot.py``, on the same windows.
 
@@ -59,6 +61,11 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "SparseGPT 2:4 + int4 AWQ after": ("prune", {**SPARSEGPT_24, "bits": 4, **AWQ}),
     "reference SparseGPT 2:4 --wbits 4": ("reference", {"wbits": 4}),
 }
+# a retrained checkpoint (--ast-checkpoint): evaluated as saved, then its kept values quantized
+AST = "AST 2:4 (bench/train.py)"
+ROWS.update({AST: ("checkpoint", {}), **{f"{AST} + int4 {q.upper()}": (
+    "checkpoint", {"pattern": "2:4", "bits": 4, "quantizer": q, **(AWQ if q == "awq" else {})})
+    for q in ("rtn", "gptq", "awq")}})
 # the pattern table (AST Table 1): SparseGPT with joint int4 for each N:M and unstructured 50%
 PATTERNS = ("1:2", "2:4", "4:8", "8:16", "16:32", "32:64", "unstructured 50%")
 ROWS.update({f"SparseGPT {p} + int4 joint (pattern table)": (
@@ -77,9 +84,9 @@ class Row:
 
 
 def _call(name: str, model, tokenizer, calibration: torch.Tensor, sparsegpt_repo: str | None, group_size: int):
-    """The timed call of row ``name`` (``None`` for the dense model)."""
+    """The timed call of row ``name`` (``None`` for a model evaluated as loaded)."""
     how, spec = ROWS[name]
-    if how == "dense":
+    if how == "dense" or not spec:
         return None
     if how == "reference":
         from bench.reference_oneshot import ReferenceRun, run_reference, windows_as_loader
@@ -89,7 +96,7 @@ def _call(name: str, model, tokenizer, calibration: torch.Tensor, sparsegpt_repo
     import peft_sparse
 
     config = peft_sparse.SparsityConfig(**spec, **({"group_size": group_size} if "bits" in spec else {}))
-    call = peft_sparse.quantize if how == "quantize" else peft_sparse.prune
+    call = peft_sparse.prune if how == "prune" else peft_sparse.quantize
     return lambda: call(model, config, calibration=calibration)
 
 
@@ -98,9 +105,10 @@ def run_row(name: str, settings: dict[str, Any]) -> Row:
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(settings["threads"])
     from peft_sparse.evaluation import perplexity
-    from peft_sparse.models import smollm2
+    from peft_sparse.models import load_model_and_tokenizer, smollm2
 
-    model, tokenizer = smollm2()
+    checkpoint = ROWS[name][0] == "checkpoint"
+    model, tokenizer = load_model_and_tokenizer(settings["ast_checkpoint"]) if checkpoint else smollm2()
     model.eval()
     row = Row(name, run=settings["run"])
     call = _call(name, model, tokenizer, settings["calibration"], settings["sparsegpt_repo"], settings["group_size"])
@@ -165,6 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
                         help=f"rows to run: {'; '.join(ROWS)}")
     parser.add_argument("--sparsegpt-repo", type=Path, default=None, help="checkout of IST-DASLab/sparsegpt")
+    parser.add_argument("--ast-checkpoint", type=Path, default=None, help="a run saved by bench/train.py --save-dir")
     parser.add_argument("--note", default="", help="machine conditions, stored beside the timings")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
@@ -174,6 +183,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rows = [name for name in args.rows if ROWS[name][0] != "reference"]
     elif not args.sparsegpt_repo.is_dir():
         parser.error(f"--sparsegpt-repo {args.sparsegpt_repo} is not a directory; see bench/README.md.")
+    if args.ast_checkpoint is None:
+        args.rows = [name for name in args.rows if ROWS[name][0] != "checkpoint"]
+    elif not (args.ast_checkpoint / "config.json").is_file():
+        parser.error(f"--ast-checkpoint {args.ast_checkpoint} has no config.json; save one with bench/train.py "
+                     "--save-dir.")
     return args
 
 
@@ -190,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     settings = dict(calibration=calibration, eval_data=str(args.eval_data), seqlen=args.seqlen,
                     eval_windows=args.eval_windows, threads=args.threads, run=run, group_size=args.group_size,
-                    sparsegpt_repo=args.sparsegpt_repo and str(args.sparsegpt_repo))  # fmt: skip
+                    sparsegpt_repo=args.sparsegpt_repo and str(args.sparsegpt_repo),
+                    ast_checkpoint=args.ast_checkpoint and str(args.ast_checkpoint))  # fmt: skip
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if previous and previous["protocol"]["group_size"] != args.group_size:
         raise SystemExit(f"{args.out} holds group size {previous['protocol']['group_size']}; use another --out.")
