@@ -18,6 +18,7 @@ mode fits, so that its GPTQ can run beside ours), WikiText-2 perplexity over the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -58,14 +59,13 @@ def run_row(name: str, eval_windows: int, sparsegpt_repo: str | None) -> dict:
 
         run = ReferenceRun("sparsegpt", "unstructured", sparsegpt_repo=Path(sparsegpt_repo), sparsity=0.0,
                            options=(("wbits", 4),))
-        call = lambda: run_reference(run, model, tokenizer, windows_as_loader(c4), SEQLEN)  # noqa: E731
+        call, args = run_reference, (run, model, tokenizer, windows_as_loader(c4), SEQLEN)
     else:
-        quantizer = "rtn" if name == "RTN" else "gptq"
         seed = 1 if name.endswith("seed 1") else 0
         calibration = heldout_windows(tokenizer, eval_windows, seed) if name.startswith(HELDOUT) else c4
-        config = peft_sparse.SparsityConfig(**grid, quantizer=quantizer)
-        call = lambda: peft_sparse.quantize(model, config, calibration=calibration)  # noqa: E731
-    _, seconds, _, _ = measured(call)
+        config = peft_sparse.SparsityConfig(**grid, quantizer="rtn" if name == "RTN" else "gptq")
+        call, args = functools.partial(peft_sparse.quantize, calibration=calibration), (model, config)
+    _, seconds, _, _ = measured(call, *args)
     ppl = perplexity(model, tokenizer, str(DEFAULT_EVAL), SEQLEN, eval_windows, progress=False).ppl
     return {"name": name, "ppl": ppl, "seconds": seconds}
 

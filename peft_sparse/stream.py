@@ -219,7 +219,7 @@ class CheckpointBlocks(engine.BlockStore):
     def inputs(self, batches: list[engine.Batch] | None, device: torch.device) -> list[engine.Batch] | None:
         """On CPU, the hidden states copied into their own mappings: the previous block's pass 2 left them on the
         heap between its temporaries, where they would pin the heap's pages through this block's turn."""
-        batches = engine.BlockStore.inputs(self, batches, device)
+        batches = super().inputs(batches, device)
         if batches is None or device.type != "cpu":
             return batches
         _mmap_threshold(_CAPTURE_MMAP_BYTES)
@@ -368,8 +368,7 @@ class CheckpointJob:
         from .models import TOKENIZER_FILES, checkpoint_directory, load_tokenizer, missing_tokenizer
         from .prune import resolve_calibration
 
-        _mmap_threshold(_CAPTURE_MMAP_BYTES)  # before the skeleton and the capture: set later, their heap
-        # leftovers pin the heap
+        _mmap_threshold(_CAPTURE_MMAP_BYTES)  # before the skeleton and the capture, whose leftovers would pin the heap
         directory = checkpoint_directory(str(source))
         reader = ShardReader(directory)
         model = skeleton(directory, dtype)
